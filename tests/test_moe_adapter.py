@@ -1,0 +1,515 @@
+"""moe_adapter.py against independent references: a per-token loop, hand-computed losses and
+parameter counts, gradcheck, and a toy task where routing matters."""
+import ast
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe_adapter as M
+from moe_adapter import DenseAdapter, MoEAdapter, MoEAdapterConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_cfg(**kw):
+    base = dict(d_in=5, d_out=7, stack=3, n_experts=4, top_k=2, d_expert=6, n_shared=1,
+                d_shared=8, balance_weight=0.1, z_weight=0.01)
+    return MoEAdapterConfig(**{**base, **kw})
+
+
+def lengths_mask(lengths, T):
+    return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: one token at a time, python lists for top-k and capacity.
+
+
+def naive_forward(adapter: MoEAdapter, x, mask=None):
+    """Per-token loop written from the paper's equations, independent of the fast dispatch."""
+    cfg = adapter.cfg
+    B, T, d = x.shape
+    S, E, k = cfg.stack, cfg.n_experts, cfg.top_k
+    T_tok = math.ceil(T / S)
+    tokens = []                                                # (b, t, h) of every real token
+    for b in range(B):
+        for t in range(T_tok):
+            frames, any_real = [], False
+            for s in range(S):
+                f = t * S + s
+                real = f < T and (mask is None or bool(mask[b, f]))
+                frames.append(x[b, f] if real else x.new_zeros(d))
+                any_real |= real
+            if any_real:
+                tokens.append((b, t, adapter.norm_in(torch.cat(frames))))
+    # Route each token: full probabilities, top-k by sorting, gates renormalised.
+    routes = []
+    for b, t, h in tokens:
+        logits = [float(v) for v in adapter.router.weight @ h]
+        if cfg.router == "softmax":
+            m = max(logits)
+            ex = [math.exp(v - m) for v in logits]
+            scores = [v / sum(ex) for v in ex]
+        else:
+            scores = [1.0 / (1.0 + math.exp(-v)) for v in logits]
+        chosen = sorted(range(E), key=lambda e: -scores[e])[:k]
+        total = sum(scores[e] for e in chosen)
+        routes.append([(e, scores[e] / total) for e in chosen])
+    # Capacity: first choices of all tokens in order, then second choices, ...
+    keep = [[True] * k for _ in routes]
+    if cfg.capacity_factor is not None:
+        cap = math.ceil(cfg.capacity_factor * len(routes) * k / E)
+        used = [0] * E
+        for r in range(k):
+            for n, route in enumerate(routes):
+                e = route[r][0]
+                keep[n][r] = used[e] < cap
+                used[e] += keep[n][r]
+    y = x.new_zeros(B, T_tok, cfg.d_out)
+    index = torch.full((B, T_tok, k), -1, dtype=torch.long)
+    weight = x.new_zeros(B, T_tok, k)
+    for n, (b, t, h) in enumerate(tokens):
+        out = adapter.shared(h[None])[0] if adapter.shared is not None else 0.0
+        for r, (e, g) in enumerate(routes[n]):
+            index[b, t, r] = e
+            if keep[n][r]:
+                out = out + g * adapter.experts[e](h[None])[0]
+                weight[b, t, r] = g
+        y[b, t] = adapter.norm_out(out)
+    return y, index, weight
+
+
+CASES = {
+    "plain": (dict(), None),
+    "masked": (dict(), [10, 4, 7]),
+    "no_stack": (dict(stack=1), [10, 1, 6]),
+    "sigmoid": (dict(router="sigmoid"), [10, 8, 2]),
+    "top1": (dict(top_k=1), [9, 10, 5]),
+    "no_shared": (dict(n_shared=0), [10, 3, 10]),
+    "capacity": (dict(capacity_factor=0.75), [10, 6, 9]),
+    "capacity_sigmoid": (dict(capacity_factor=0.5, router="sigmoid", top_k=3), None),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_dispatch_equals_per_token_loop(case):
+    overrides, lengths = CASES[case]
+    adapter = MoEAdapter(small_cfg(**overrides)).double().eval()
+    x = torch.randn(3, 10, 5, dtype=torch.float64)
+    mask = None if lengths is None else lengths_mask(lengths, 10)
+    with torch.no_grad():
+        y, aux = adapter(x, mask)
+        y_ref, index_ref, weight_ref = naive_forward(adapter, x, mask)
+    assert y.shape == (3, math.ceil(10 / adapter.cfg.stack), 7)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+    # Same experts in the same order, same applied gates (0 exactly where the loop dropped).
+    assert torch.equal(aux["expert_index"], index_ref)
+    torch.testing.assert_close(aux["expert_weight"], weight_ref, rtol=0, atol=1e-12)
+    if overrides.get("capacity_factor"):
+        n_slots = int((index_ref >= 0).sum())
+        n_dropped = int(((index_ref >= 0) & (weight_ref == 0)).sum())
+        assert n_dropped > 0, "the case must exercise the capacity limit"
+        assert aux["dropped"].item() == pytest.approx(n_dropped / n_slots)
+
+
+def test_capacity_drop_order_by_hand():
+    """4 tokens all preferring expert 0 then 1, capacity 1 slot per expert (cf=0.5, E=2, k=1):
+    only token 0 keeps expert 0; the rest are dropped and output only the shared expert."""
+    cfg = MoEAdapterConfig(d_in=2, d_out=3, stack=1, n_experts=2, top_k=1, d_expert=4, n_shared=1,
+                           d_shared=4, capacity_factor=0.5, norm_in=False, norm_out=False)
+    adapter = MoEAdapter(cfg).double()
+    with torch.no_grad():
+        adapter.router.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    x = torch.tensor([[[1.0, 0.1], [2.0, 0.2], [3.0, 0.3], [4.0, 0.4]]], dtype=torch.float64)
+    with torch.no_grad():
+        y, aux = adapter(x)
+        shared = adapter.shared(x[0])
+        expert0 = adapter.experts[0](x[0, :1])
+    assert aux["expert_index"][0, :, 0].tolist() == [0, 0, 0, 0]
+    assert aux["expert_weight"][0, :, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(y[0, 0], shared[0] + expert0[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(y[0, 1:], shared[1:], rtol=0, atol=1e-12)
+    assert aux["dropped"].item() == pytest.approx(0.75)
+
+
+def test_padding_garbage_does_not_leak_and_batch_equals_items_alone():
+    adapter = MoEAdapter(small_cfg()).double().eval()
+    lengths = [10, 7, 2]
+    x = torch.randn(3, 10, 5, dtype=torch.float64)
+    mask = lengths_mask(lengths, 10)
+    x_garbage = torch.where(mask[..., None], x, torch.full_like(x, 1e3))
+    with torch.no_grad():
+        y, aux = adapter(x, mask)
+        y_g, aux_g = adapter(x_garbage, mask)
+        torch.testing.assert_close(y, y_g, rtol=0, atol=0)
+        for b, n in enumerate(lengths):
+            y_b, aux_b = adapter(x[b:b + 1, :n])
+            n_tok = math.ceil(n / 3)
+            torch.testing.assert_close(y[b, :n_tok], y_b[0], rtol=0, atol=1e-12)
+            assert torch.equal(aux["expert_index"][b, :n_tok], aux_b["expert_index"][0])
+            assert (y[b, n_tok:] == 0).all() and (aux["expert_index"][b, n_tok:] == -1).all()
+
+
+def test_all_padding_batch_gives_zero_output_and_losses():
+    adapter = MoEAdapter(small_cfg())
+    y, aux = adapter(torch.randn(2, 6, 5), torch.zeros(2, 6, dtype=torch.bool))
+    assert y.shape == (2, 2, 7) and (y == 0).all()
+    assert aux["balance_loss"].item() == 0 and aux["z_loss"].item() == 0
+    assert (aux["expert_index"] == -1).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+def test_balance_loss_hand_computed_two_experts_four_tokens():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    # top-1: f = (3/4, 1/4), P = (0.65, 0.35): 2 * (0.75*0.65 + 0.25*0.35) = 1.15
+    assert M.load_balancing_loss(probs, torch.tensor([[0], [0], [1], [0]])).item() == pytest.approx(1.15)
+    # top-2 over 2 experts: f = (1/2, 1/2) whatever P is: 2 * 0.5 * (0.65 + 0.35) = 1.0
+    assert M.load_balancing_loss(probs, torch.tensor([[0, 1]] * 4)).item() == pytest.approx(1.0)
+
+
+def test_balance_loss_is_one_when_balanced_and_grows_with_imbalance():
+    E, N = 4, 8
+    uniform = torch.full((N, E), 1 / E)
+    round_robin = torch.arange(N).remainder(E)[:, None]
+    assert M.load_balancing_loss(uniform, round_robin).item() == pytest.approx(1.0)
+    losses = []
+    for c in (0.0, 0.3, 0.6, 0.9, 1.0):          # c = share of probability mass on expert 0
+        probs = torch.full((N, E), (1 - c) / (E - 1))
+        probs[:, 0] = c
+        probs = probs * (1 - 1e-9) + 1e-9 / E if c == 0 else probs
+        idx = round_robin if c == 0.0 else torch.where(torch.rand(N, 1) < c, 0, round_robin)
+        losses.append(M.load_balancing_loss(probs, torch.zeros(N, 1, dtype=torch.long)
+                                            if c == 1.0 else idx).item())
+    assert losses[-1] == pytest.approx(E)          # everything on one expert: the maximum, E
+    assert all(a < b for a, b in zip(losses, losses[1:])), losses
+
+
+def test_padding_changes_neither_balance_loss_nor_load():
+    adapter = MoEAdapter(small_cfg())
+    x = torch.randn(2, 9, 5)
+    x_padded = torch.cat([x, torch.randn(2, 6, 5) * 50], dim=1)     # 2 extra tokens of garbage
+    mask = torch.cat([torch.ones(2, 9, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.bool)], 1)
+    _, aux = adapter(x)
+    _, aux_p = adapter(x_padded, mask)
+    torch.testing.assert_close(aux_p["balance_loss"], aux["balance_loss"])
+    torch.testing.assert_close(aux_p["z_loss"], aux["z_loss"])
+    torch.testing.assert_close(aux_p["expert_load"], aux["expert_load"])
+
+
+def test_expert_load_is_share_of_token_slots():
+    adapter = MoEAdapter(small_cfg())
+    _, aux = adapter(torch.randn(3, 12, 5), lengths_mask([12, 5, 8], 12))
+    idx = aux["expert_index"][aux["mask"]]                          # (N, k)
+    ref = torch.stack([(idx == e).float().sum() for e in range(4)]) / idx.numel()
+    torch.testing.assert_close(aux["expert_load"], ref)
+    assert aux["expert_load"].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_balance_loss_gradient_reaches_router(top_k):
+    adapter = MoEAdapter(small_cfg(top_k=top_k))
+    _, aux = adapter(torch.randn(2, 12, 5))
+    aux["balance_loss"].backward()
+    g = adapter.router.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    assert all(p.grad is None for p in adapter.experts.parameters())   # f is a hard count
+
+
+def test_aux_loss_is_weighted_sum_and_on_whenever_weight_nonzero():
+    adapter = MoEAdapter(small_cfg(balance_weight=0.3, z_weight=0.02))
+    _, aux = adapter(torch.randn(2, 12, 5))
+    expected = 0.3 * aux["balance_loss"] + 0.02 * aux["z_loss"]
+    torch.testing.assert_close(aux["loss"], expected)
+    aux["loss"].backward()                                          # in train AND eval mode
+    assert adapter.router.weight.grad.abs().sum() > 0
+
+
+def test_z_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # logsumexp: log 2 and log 4
+    assert M.router_z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+
+
+def test_top1_renormalised_gate_gives_router_no_task_gradient():
+    """The documented trap: top-1 with softmax over the kept logit makes every gate p/p = 1, so
+    the task loss leaves the router untrained (only round-off remains); Switch-style gates don't."""
+    x = torch.randn(2, 12, 5)
+    grads = {}
+    for normalize in (True, False):
+        torch.manual_seed(0)
+        adapter = MoEAdapter(small_cfg(top_k=1, normalize_topk=normalize))
+        y, _ = adapter(x)
+        (y ** 2).sum().backward()
+        grads[normalize] = adapter.router.weight.grad.norm().item()
+    assert grads[False] > 1e-4
+    assert grads[True] < 1e-6 * grads[False]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reductions to simpler modules
+
+
+def test_top_k_equal_to_n_experts_is_softmax_weighted_dense_mixture():
+    adapter = MoEAdapter(small_cfg(top_k=4, stack=1)).double()
+    x = torch.randn(2, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = adapter(x)
+        h = adapter.norm_in(x)
+        p = (h @ adapter.router.weight.T).softmax(-1)              # (B, T, E)
+        mix = sum(p[..., e:e + 1] * adapter.experts[e](h) for e in range(4))
+        y_ref = adapter.norm_out(adapter.shared(h) + mix)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+
+
+def test_shared_experts_only_is_a_plain_mlp():
+    cfg = small_cfg(n_experts=0, top_k=0, n_shared=2, d_shared=5, stack=2)
+    adapter = MoEAdapter(cfg).double()
+    mlp = nn.Sequential(nn.LayerNorm(10), nn.Linear(10, 10), nn.SiLU(), nn.Linear(10, 7),
+                        nn.LayerNorm(7)).double()
+    with torch.no_grad():
+        for dst, src in zip([mlp[0], mlp[1], mlp[3], mlp[4]],
+                            [adapter.norm_in, adapter.shared.fc1, adapter.shared.fc2, adapter.norm_out]):
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+    x = torch.randn(3, 8, 5, dtype=torch.float64)
+    y, aux = adapter(x)
+    torch.testing.assert_close(y, mlp(x.reshape(3, 4, 10)), rtol=0, atol=1e-12)
+    assert aux["loss"].item() == 0 and aux["expert_index"].shape == (3, 4, 0)
+
+
+def test_dense_adapter_is_ln_mlp_ln_with_same_aux_record():
+    dense = DenseAdapter(5, 11, 7, stack=3).double()
+    moe = MoEAdapter(small_cfg()).double()
+    x = torch.randn(2, 10, 5, dtype=torch.float64)
+    mask = lengths_mask([10, 4], 10)
+    y, aux = dense(x, mask)
+    _, aux_moe = moe(x, mask)
+    assert set(aux) == set(aux_moe)
+    tok = F.pad(x * mask[..., None], (0, 0, 0, 2)).reshape(2, 4, 15)
+    ref = F.layer_norm(tok, (15,))
+    ref = dense.mlp.fc2(F.silu(dense.mlp.fc1(ref)))
+    ref = F.layer_norm(ref, (7,))
+    torch.testing.assert_close(y[0], ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(y[1, :2], ref[1, :2], rtol=0, atol=1e-12)
+    assert (y[1, 2:] == 0).all() and aux["loss"].item() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes: the paper's numbers by hand
+
+
+def test_paper_preset_parameter_counts_by_hand():
+    cfg = MoEAdapterConfig.paper()
+    with torch.device("meta"):
+        counts = M.count_params(MoEAdapter(cfg))
+    expert = 2560 * 1280 + 1280 + 1280 * 2048 + 2048               # 5,901,568
+    shared = 2560 * 10240 + 10240 + 10240 * 2048 + 2048            # 47,198,208
+    router, norms = 2560 * 8, 2 * 2560 + 2 * 2048
+    assert counts["total"] == 8 * expert + shared + router + norms == 94_440_448
+    assert counts["active"] == 4 * expert + shared + router + norms == 70_834_176
+    assert round(counts["total"] / 1e6, 1) == 94.4 and round(counts["active"] / 1e6, 1) == 70.8
+    assert counts["flops_per_token"] == 2 * (2560 * 8 + (4 * 1280 + 10240) * (2560 + 2048))
+
+
+def test_dense_widths_matched_by_hand():
+    cfg = MoEAdapterConfig.paper()
+    # params: H * (2560 + 2048 + 1) + 2048 + norms(9216) = 94,440,448  ->  H = 20487.998
+    assert M.dense_hidden_for(cfg, "params") == 20488
+    # flops: H * 4608 = 2560*8 + (4*1280 + 10240) * 4608  ->  H = 15360 + 4.44
+    assert M.dense_hidden_for(cfg, "flops") == 15364
+    with torch.device("meta"):
+        dense = M.count_params(DenseAdapter(2560, 20480, 2048))
+    assert round(dense["total"] / 1e6, 1) == 94.4                  # the paper's hidden 20480
+    tiny = MoEAdapterConfig.tiny()                                  # D=256, O=128, E=8, k=2, 64, 256
+    assert M.dense_hidden_for(tiny, "flops") == round((256 * 8 + (2 * 64 + 256) * 384) / 384)
+    built = M.build_adapter("dense-params", tiny)
+    with torch.device("meta"):
+        moe_total = M.count_params(MoEAdapter(tiny))["total"]
+    assert abs(M.count_params(built)["total"] - moe_total) <= 256 + 128 + 1
+
+
+def test_build_adapter_kinds_share_the_call_signature():
+    cfg = MoEAdapterConfig.tiny()
+    x, mask = torch.randn(2, 9, 64), lengths_mask([9, 5], 9)
+    for kind in M.ADAPTER_KINDS:
+        y, aux = M.build_adapter(kind, cfg)(x, mask)
+        assert y.shape == (2, 3, 128) and aux["mask"].tolist() == [[True] * 3, [True, True, False]]
+        assert aux["expert_index"].shape[:2] == (2, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients
+
+
+def test_gradcheck_gates_and_experts():
+    cfg = MoEAdapterConfig(d_in=3, d_out=4, stack=2, n_experts=3, top_k=2, d_expert=4, n_shared=1,
+                           d_shared=3, z_weight=0.1)
+    adapter = MoEAdapter(cfg).double()
+    names = ["router.weight", "experts.0.fc1.weight", "experts.2.fc2.bias", "shared.fc1.weight",
+             "norm_in.weight"]
+    params = dict(adapter.named_parameters())
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    mask = lengths_mask([5, 3], 5)
+
+    def f(x, *ps):
+        y, aux = torch.func.functional_call(adapter, {**params, **dict(zip(names, ps))}, (x, mask))
+        return y, aux["loss"]
+
+    inputs = (x, *[params[n].detach().clone().requires_grad_() for n in names])
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerics and devices
+
+
+def test_router_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(1)
+    adapter = MoEAdapter(MoEAdapterConfig.tiny())
+    x = torch.randn(2, 16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = adapter(x)
+    assert aux["expert_weight"].dtype == torch.float32
+    assert torch.isfinite(y.float()).all()
+    # The gates are fp32 softmaxes of the chosen experts: they still sum to 1 at fp32 precision,
+    # which bf16 router logits (8 significant bits) would not give.
+    torch.testing.assert_close(aux["expert_weight"].sum(-1), torch.ones(2, 4), rtol=0, atol=1e-6)
+
+
+def test_jitter_only_in_training():
+    adapter = MoEAdapter(small_cfg(jitter=0.5))
+    x = torch.randn(2, 30, 5)
+    adapter.eval()
+    assert torch.equal(adapter(x)[1]["expert_index"], adapter(x)[1]["expert_index"])
+    adapter.train()
+    draws = [adapter(x)[1]["expert_index"] for _ in range(4)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_runs_under_bf16():
+    adapter = MoEAdapter(small_cfg(capacity_factor=1.0)).double()
+    x = torch.randn(3, 10, 5, dtype=torch.float64)
+    mask = lengths_mask([10, 4, 7], 10)
+    y_cpu, aux_cpu = adapter(x, mask)
+    y_gpu, aux_gpu = adapter.cuda()(x.cuda(), mask.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=0, atol=1e-10)
+    assert torch.equal(aux_gpu["expert_index"].cpu(), aux_cpu["expert_index"])
+    adapter = MoEAdapter(MoEAdapterConfig.tiny()).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, aux = adapter(torch.randn(2, 16, 64, device="cuda"))
+        (y.float().pow(2).mean() + aux["loss"]).backward()
+    assert aux["expert_weight"].dtype == torch.float32 and torch.isfinite(y.float()).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(top_k=5), "top_k must be in"),
+    (dict(d_in=0), "d_in must be >= 1"),
+    (dict(stack=-1), "stack must be >= 1"),
+    (dict(d_expert=0), "d_expert must be >= 1"),
+    (dict(n_experts=-2), "n_experts and n_shared must be >= 0"),
+    (dict(n_experts=0, n_shared=0, top_k=0), "at least one expert"),
+    (dict(router="noisy"), "unknown router 'noisy'; allowed: softmax, sigmoid"),
+    (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
+    (dict(jitter=1.5), "jitter must be in"),
+])
+def test_bad_config_is_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        small_cfg(**kw)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: (torch.randn(3, 5), None), r"x must be \(B, T, d_in=5\), got shape \(3, 5\)"),
+    (lambda: (torch.randn(2, 3, 6), None), r"x width must be d_in=5"),
+    (lambda: (torch.randn(2, 3, 5), torch.ones(2, 4, dtype=torch.bool)), r"mask must have shape \(B, T\) = \(2, 3\)"),
+    (lambda: (torch.randn(2, 3, 5), torch.ones(2, 3)), "mask must be a bool tensor"),
+    (lambda: (torch.ones(2, 3, 5, dtype=torch.long), None), "floating-point"),
+])
+def test_bad_input_is_named(make, message):
+    x, mask = make()
+    for adapter in (MoEAdapter(small_cfg()), DenseAdapter(5, 4, 7, stack=3)):
+        with pytest.raises(ValueError, match=message):
+            adapter(x, mask)
+
+
+def test_bad_names_list_allowed_values():
+    with pytest.raises(ValueError, match="allowed: moe, dense-params, dense-flops"):
+        M.build_adapter("sparse", small_cfg())
+    with pytest.raises(ValueError, match="allowed: params, flops"):
+        M.dense_hidden_for(small_cfg(), "memory")
+    with pytest.raises(TypeError, match="MoEAdapter or DenseAdapter"):
+        M.count_params(nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Copyable alone
+
+
+def test_imports_only_torch_and_stdlib():
+    tree = ast.parse(open(os.path.join(ROOT, "moe_adapter.py")).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    assert names - set(sys.stdlib_module_names) == {"torch"}
+
+
+def test_file_copied_alone_imports_and_runs(tmp_path):
+    shutil.copy(os.path.join(ROOT, "moe_adapter.py"), tmp_path)
+    code = ("import torch, moe_adapter as m; a = m.MoEAdapter(m.MoEAdapterConfig.tiny()); "
+            "y, aux = a(torch.randn(2, 10, 64)); print(tuple(y.shape), m.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(2, 3, 128)" in out.stdout and str(tmp_path) in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# A toy task where routing matters
+
+
+def _cluster_task(n_clusters=8, d=16, n=4096, seed=0):
+    """Tokens from well-separated clusters; cluster c needs its own linear map A_c."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_clusters, d, generator=g) * 3.0
+    maps = torch.randn(n_clusters, d, d, generator=g) / d ** 0.5
+    c = torch.randint(0, n_clusters, (n,), generator=g)
+    x = centers[c] + torch.randn(n, d, generator=g)
+    y = torch.einsum("nij,nj->ni", maps[c], x)
+    return x, y, c
+
+
+def _train_toy(balance_weight, steps=300, seed=0):
+    torch.manual_seed(seed)
+    x, y, c = _cluster_task(seed=seed)
+    cfg = MoEAdapterConfig(d_in=16, d_out=16, stack=1, n_experts=8, top_k=1, d_expert=32,
+                           n_shared=0, balance_weight=balance_weight, normalize_topk=False,
+                           norm_out=False)
+    adapter = MoEAdapter(cfg)
+    opt = torch.optim.Adam(adapter.parameters(), lr=3e-3)
+    for step in range(steps):
+        i = torch.randint(0, x.shape[0], (256,))
+        pred, aux = adapter(x[i][:, None])
+        loss = F.mse_loss(pred[:, 0], y[i]) + aux["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred, aux = adapter(x[:, None])
+    return F.mse_loss(pred[:, 0], y).item() / y.var().item(), aux["expert_load"]
