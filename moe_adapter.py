@@ -328,26 +328,29 @@ class MoEAdapter(nn.Module):
             load = h.new_zeros(0, dtype=torch.float32)
         y = self.norm_out(y)                                                 # (N, O) Eq. 3
 
-        aux = dict(loss=cfg.balance_weight * balance + cfg.z_weight * z,
-                   balance_loss=balance, z_loss=z, expert_load=load, dropped=dropped)
-        aux.update(_scatter_tokens(y, index, gate_applied, tok_mask, B, T_tok))
-        return aux.pop("y"), aux
+        y, grids = _unpack_tokens(y, index, gate_applied, tok_mask, B, T_tok)
+        aux = dict(loss=cfg.balance_weight * balance + cfg.z_weight * z, balance_loss=balance,
+                   z_loss=z, expert_load=load, dropped=dropped, **grids)
+        return y, aux
 
 
-def _scatter_tokens(y, index, weight, tok_mask, B, T_tok):
-    """Put the N real-token rows back into (B, T', ...) grids; padding gets 0 / index -1."""
-    if tok_mask is None:
-        return dict(y=y.reshape(B, T_tok, -1), expert_index=index.reshape(B, T_tok, -1),
-                    expert_weight=weight.reshape(B, T_tok, -1),
-                    mask=torch.ones(B, T_tok, dtype=torch.bool, device=y.device))
+def _unpack_tokens(y, index, weight, tok_mask, B, T_tok):
+    """Put the N real-token rows back into (B, T', ...) grids; padding gets 0, index -1.
+
+    Returns (y (B, T', O), dict of expert_index, expert_weight, mask).
+    """
     k = index.shape[-1]
+    if tok_mask is None:
+        return y.reshape(B, T_tok, y.shape[-1]), dict(
+            expert_index=index.reshape(B, T_tok, k), expert_weight=weight.reshape(B, T_tok, k),
+            mask=torch.ones(B, T_tok, dtype=torch.bool, device=y.device))
     y_full = y.new_zeros(B, T_tok, y.shape[-1])
     y_full[tok_mask] = y
     index_full = index.new_full((B, T_tok, k), -1)
     index_full[tok_mask] = index
     weight_full = weight.new_zeros(B, T_tok, k)
     weight_full[tok_mask] = weight
-    return dict(y=y_full, expert_index=index_full, expert_weight=weight_full, mask=tok_mask)
+    return y_full, dict(expert_index=index_full, expert_weight=weight_full, mask=tok_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,11 +383,11 @@ class DenseAdapter(nn.Module):
         y = self.norm_out(self.mlp(self.norm_in(h)))                         # (N, O)
         N = h.shape[0]
         zero = h.new_zeros((), dtype=torch.float32)
+        y, grids = _unpack_tokens(y, h.new_zeros(N, 1, dtype=torch.long),
+                                  h.new_ones(N, 1, dtype=torch.float32), tok_mask, B, T_tok)
         aux = dict(loss=zero, balance_loss=zero, z_loss=zero, dropped=zero,
-                   expert_load=h.new_ones(1, dtype=torch.float32))
-        aux.update(_scatter_tokens(y, h.new_zeros(N, 1, dtype=torch.long),
-                                   h.new_ones(N, 1, dtype=torch.float32), tok_mask, B, T_tok))
-        return aux.pop("y"), aux
+                   expert_load=h.new_ones(1, dtype=torch.float32), **grids)
+        return y, aux
 
 
 def count_params(module: nn.Module) -> dict:
