@@ -73,7 +73,7 @@ def parse_overrides(cfg, argv):
             try:
                 parsed = kind(value)
             except ValueError:
-                raise SystemExit(f"--{key} takes a {kind.__name__}, got {value!r}") from None
+                raise SystemExit(f"--{key} takes a value of type {kind.__name__}, got {value!r}") from None
         setattr(cfg, key, parsed)
     return cfg
 
