@@ -261,43 +261,45 @@ class MoEAdapter(nn.Module):
     def _dispatch(self, h: torch.Tensor, gate: torch.Tensor, index: torch.Tensor):
         """Run each routed expert once on the token-slots sent to it.
 
-        Returns (out (N, O), gate_applied (N, k), share of slots dropped by the capacity limit).
-
-        h: (N, D); gate, index: (N, k). Token-slots are ordered choice-major (every token's first
-        choice, then every token's second choice, ...) and token by token within a choice, then
-        stably sorted by expert: each expert sees one contiguous block of rows, one matmul pair.
+        h: (N, D); gate, index: (N, k). Returns (out (N, O), gate_applied (N, k), share of slots
+        dropped by the capacity limit). Slot n*k + r is token n's r-th choice. Slots are sorted by
+        expert, so each expert sees one contiguous block of rows and runs one matmul pair on it;
+        inside an expert's block they are in priority order: every token's first choice before
+        any second choice, then earlier tokens first (GShard's order).
 
         Capacity (capacity_factor set): each expert takes at most C = ceil(cf * N * k / E)
-        slots, in that priority order (first choices before second choices, then earlier tokens
-        first, as in GShard). An overflowing slot is dropped: it contributes nothing, the other
-        gates are NOT renormalised, and the token still gets its shared experts and kept slots.
-        Dropped slots show as expert_weight 0 in aux.
+        slots, in that priority order. An overflowing slot is dropped: it contributes nothing, the
+        other gates are NOT renormalised, and the token still gets its shared experts and kept
+        slots. Dropped slots show as expert_weight 0 in aux.
         """
         N, k = index.shape
-        E = self.cfg.n_experts
-        slot_expert = index.t().reshape(-1)                                  # (k*N,) choice-major
-        slot_token = torch.arange(N, device=h.device).repeat(k)              # (k*N,)
-        slot_gate = gate.t().reshape(-1)                                     # (k*N,)
-        order = torch.argsort(slot_expert, stable=True)                      # (k*N,) grouped by expert
+        E, O = self.cfg.n_experts, self.cfg.d_out
+        slot_expert = index.reshape(-1)                                      # (N*k,) token-major
+        slot = torch.arange(N * k, device=h.device)                          # (N*k,) = n*k + r
+        priority = (slot % k) * N + slot // k                                # choice first, then token
+        order = torch.argsort(slot_expert * (N * k) + priority)              # (N*k,) grouped by expert
         counts = torch.bincount(slot_expert, minlength=E)                    # (E,)
         if self.cfg.capacity_factor is not None:
             capacity = math.ceil(self.cfg.capacity_factor * N * k / E)
             start = torch.cumsum(counts, 0) - counts                         # (E,) block offsets
-            rank_in_expert = torch.arange(k * N, device=h.device) - start[slot_expert[order]]
-            keep_sorted = rank_in_expert < capacity                           # (k*N,)
-            kept = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)  # slot order
-            slot_gate = slot_gate * kept                                     # dropped -> gate 0
-            order = order[keep_sorted]                                       # (S,) S <= k*N
+            keep_sorted = slot - start[slot_expert[order]] < capacity        # rank in block < C
+            kept = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)  # (N*k,) by slot
+            gate = gate * kept.view(N, k)                                    # dropped -> gate 0
+            order = order[keep_sorted]                                       # (S,) S <= N*k
             counts = counts.clamp(max=capacity)
-        rows = h[slot_token[order]]                                          # (S, D) gathered
+        rows = h.index_select(0, order // k)                                 # (S, D) gathered
         outs = [self.experts[e](chunk)                                       # (S_e, O) per expert
                 for e, chunk in enumerate(rows.split(counts.tolist())) if chunk.shape[0]]
-        y_sorted = torch.cat(outs) if outs else h.new_zeros(0, self.cfg.d_out)
-        y_sorted = y_sorted * slot_gate[order].unsqueeze(-1).to(y_sorted.dtype)  # (S, O)
-        # Scatter back to (k, N, O) slots and sum over k: deterministic, no atomics.
-        y_slots = y_sorted.new_zeros(k * N, self.cfg.d_out).index_copy(0, order, y_sorted)
-        dropped = 1.0 - order.numel() / max(k * N, 1)
-        return y_slots.view(k, N, self.cfg.d_out).sum(0), slot_gate.view(k, N).t(), dropped  # (N, O), (N, k)
+        y_sorted = torch.cat(outs) if outs else h.new_zeros(0, O)            # (S, O)
+        if order.numel() == N * k:                                           # dropless: a permutation
+            inverse = torch.empty_like(order).scatter_(0, order, slot)       # slot -> sorted position
+            y_slots = y_sorted.index_select(0, inverse)                      # (N*k, O)
+        else:
+            y_slots = y_sorted.new_zeros(N * k, O).index_copy(0, order, y_sorted)
+        # Eq. 3, sum over the k slots of each token: one (1, k) @ (k, O) product per token.
+        y = torch.bmm(gate.unsqueeze(1).to(y_slots.dtype), y_slots.view(N, k, O)).squeeze(1)
+        dropped = 1.0 - order.numel() / max(N * k, 1)
+        return y, gate, dropped                                              # (N, O), (N, k)
 
     # -- forward -----------------------------------------------------------------------------------
 
