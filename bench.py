@@ -17,6 +17,7 @@ CPU (where torch keeps no allocator statistics) the bytes the forward saves for 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -210,6 +211,32 @@ def compare_moa(n_experts, device, rounds, d=768, r=64, b=8, m=600, slots=1, sca
     return dict(times=times, mem={k: memory_mb(s, device) for k, s in steps.items()})
 
 
+def compare_ast(device, rounds, frames=1024, batch=1, preset="base", n_experts=7, r=0):
+    """A whole AST forward + backward (frozen backbone, trainable parts as the paper trains them)
+    with no adapter, one adapter, Dense-MoA and Soft-MoA in Pfeiffer placement beside MHSA."""
+    import soft_moa
+    from encoder import AST, ASTConfig
+    variants = {"none": dict(placement="none"), "single": dict(placement="pfeiffer", adapter_kind="single"),
+                "dense": dict(placement="pfeiffer", adapter_kind="dense"),
+                "soft": dict(placement="pfeiffer", adapter_kind="soft")}
+    x = torch.randn(batch, frames, 128, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    steps = {}
+    for name, kw in variants.items():
+        torch.manual_seed(0)
+        cfg = getattr(ASTConfig, preset)(max_length=frames, n_classes=10, n_experts=n_experts, r=r, **kw)
+        model = AST(cfg).to(device)
+        soft_moa.mark_trainable(model)
+
+        def step(model=model):
+            loss = F.cross_entropy(model(x).logits, labels)
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+        steps[name] = step
+    return time_paired(steps, device, rounds, warmup=1)
+
+
 def denormal_penalty(device, rounds=5) -> float:
     """Time of a matmul whose operand is all subnormal over the same matmul on normal values."""
     a = torch.randn(8, 600, 768, device=device)
@@ -266,11 +293,7 @@ def header(device):
 def run_targets(device, rounds):
     peak = peak_matmul_gflops(device)
     print(f"peak fp32 matmul (2048^3): {peak:.1f} GFLOP/s")
-    try:
-        import transformers  # noqa: F401
-        have_hf = True
-    except ImportError:
-        have_hf = False
+    have_hf = importlib.util.find_spec("transformers") is not None
     res = compare_moe(16384, 8, 2, device, rounds, naive=True, peer=have_hf)
     t = res["times"]
     print("\nMoE-Adapter, 16k tokens, width 512, 8 experts top-2, expert hidden 1024, fp32 fwd+bwd:")
@@ -332,6 +355,21 @@ def run_full(device, rounds):
         print(f"| {n} | {med['soft']:.1f} | {med['dense']:.1f} | {med['single']:.1f} | "
               f"{ratio(t, 'soft', 'dense')['paired']:.2f}x | {macs[0] / 1e3:.0f}k / {macs[1] / 1e3:.0f}k | "
               f"{res['mem']['soft']:.0f} / {res['mem']['dense']:.0f} |")
+
+    res = compare_moa(7, device, rounds, r=6, b=1, m=1214)
+    t = res["times"]
+    med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+    print(f"| 7, paper's r 6, 1 x 1214 tokens | {med['soft']:.1f} | {med['dense']:.1f} | {med['single']:.1f} | "
+          f"{ratio(t, 'soft', 'dense')['paired']:.2f}x | {macs_per_token('soft', 768, 6, 7, 1, 1214) / 1e3:.0f}k / "
+          f"{macs_per_token('dense', 768, 6, 7) / 1e3:.0f}k | {res['mem']['soft']:.0f} / {res['mem']['dense']:.0f} |")
+
+    print("\n### A whole AST-Base forward+backward, 1 clip of 10 s (1214 tokens), frozen backbone, Pfeiffer at MHSA\n")
+    t = compare_ast(device, max(rounds - 2, 5))
+    print("| adapter (N=7, r=6) | ms/step | vs no adapter | soft / dense |")
+    print("|---|---|---|---|")
+    for name, v in t.items():
+        extra = f"{ratio(t, 'soft', 'dense')['paired']:.2f}x" if name == "soft" else ""
+        print(f"| {name} | {statistics.median(v) * 1e3:.0f} | {ratio(t, name, 'none')['paired']:.2f}x | {extra} |")
 
     print("\n### One training step (forward, backward, AdamW) of each tiny configuration\n")
     t = training_steps(device, rounds)

@@ -2016,10 +2016,11 @@ def bench(overrides: Optional[dict] = None, n: int = 200, repeats: int = 3) -> L
     return rows
 
 
-def _parse_overrides(argv: Sequence[str]) -> dict:
-    """--key=value for CorpusConfig fields, type-checked; unknown keys get a did-you-mean."""
-    fields = {f.name: f for f in dataclasses.fields(CorpusConfig)}
-    defaults = CorpusConfig()
+def parse_overrides(defaults, argv: Sequence[str]) -> dict:
+    """--key=value for the fields of the dataclass instance `defaults`, type-checked against the
+    defaults' types (bool: true/false/1/0; tuple: comma-separated floats); unknown keys get a
+    did-you-mean. Returns {field: value}, for `dataclasses.replace(defaults, **overrides)`."""
+    fields = [f.name for f in dataclasses.fields(defaults)]
     out = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
@@ -2056,7 +2057,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     g.add_argument("--bench", action="store_true", help="clips/s per preset on one thread")
     p.add_argument("--workers", type=int, default=2, help="--probe: DataLoader workers")
     known, rest = p.parse_known_args(argv)
-    overrides = _parse_overrides(rest)
+    overrides = parse_overrides(CorpusConfig(), rest)
     if known.preview:
         paths = preview(known.preview, CorpusConfig.tiny(**overrides))
         print(f"wrote {len(paths)} WAVs and labels.tsv to {known.preview}")

@@ -28,7 +28,7 @@ Equations, as numbered in this file (the paper's own numbering is not available 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

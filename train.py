@@ -13,7 +13,6 @@ for several seeds, and evaluated on held-out sequences:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import statistics
 import sys
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from data import parse_overrides
 from moe_adapter import ADAPTER_KINDS, MoEAdapterConfig, build_adapter, count_params
 
 
@@ -50,32 +50,6 @@ class DemoConfig:
     n_shared: int = 1
     d_shared: int = 256
     balance_weight: float = 1e-2
-
-
-def parse_overrides(cfg, argv):
-    """--key=value for any dataclass field, type-checked; unknown keys get a did-you-mean."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        key = key.replace("-", "_")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else ""
-            raise SystemExit(f"unknown option --{key}{hint} (options: {', '.join(fields)})")
-        kind = type(getattr(cfg, key))
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{key} takes true/false, got {value!r}")
-            parsed = value.lower() in ("true", "1")
-        else:
-            try:
-                parsed = kind(value)
-            except ValueError:
-                raise SystemExit(f"--{key} takes a value of type {kind.__name__}, got {value!r}") from None
-        setattr(cfg, key, parsed)
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +133,8 @@ def train_one(kind: str, seed: int, cfg: DemoConfig, adapter_cfg: MoEAdapterConf
 
 
 def main(argv):
-    cfg = parse_overrides(DemoConfig(), argv)
+    cfg = DemoConfig()
+    cfg = dataclasses.replace(cfg, **parse_overrides(cfg, argv))
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     adapter_cfg = MoEAdapterConfig.tiny(n_experts=cfg.n_experts, top_k=cfg.top_k, d_expert=cfg.d_expert,

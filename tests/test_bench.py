@@ -47,3 +47,8 @@ def test_comparisons_run_at_microscopic_size():
     assert set(res["times"]) == {"moe", "dense", "naive"} and all(v > 0 for v in res["gflops"].values())
     res = bench.compare_moa(3, torch.device("cpu"), rounds=1, d=16, r=4, b=2, m=10)
     assert set(res["times"]) == {"soft", "dense", "single"}
+
+
+def test_ast_comparison_runs_at_microscopic_size():
+    t = bench.compare_ast(torch.device("cpu"), rounds=1, frames=64, preset="tiny")
+    assert set(t) == {"none", "single", "dense", "soft"}

@@ -766,7 +766,7 @@ def test_cli_overrides_are_strict():
         D.main(["--bench", "--snr=1"])
     with pytest.raises(SystemExit, match="--n_clips takes a value of type int"):
         D.main(["--bench", "--n_clips=lots"])
-    assert D._parse_overrides(["--snr_db=0,10", "--seed=3"]) == {"snr_db": (0.0, 10.0), "seed": 3}
+    assert D.parse_overrides(D.CorpusConfig(), ["--snr_db=0,10", "--seed=3"]) == {"snr_db": (0.0, 10.0), "seed": 3}
 
 
 def test_preview_writes_labelled_wavs(tmp_path, capsys):

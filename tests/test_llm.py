@@ -1,7 +1,6 @@
 """llm.py against independent references: Hugging Face transformers' LLaMA / Qwen2 / Qwen3 (when
 installed), complex-number RoPE and a hand-made rotation, a per-head attention loop, uncached and
 per-row runs, hand-computed losses, and published parameter counts."""
-import ast
 import json
 import math
 import os
@@ -12,6 +11,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+from importscan import imported_packages
 import llm
 from llm import (IGNORE_INDEX, LLM, LLMConfig, LoRALinear, WordTokenizer, add_lora, build_batch,
                  freeze, load_llm, lm_loss, mark_trainable, merge_lora, sample_next_token)
@@ -782,20 +782,9 @@ def test_paper_llm_width_matches_the_moe_adapter_output():
 
 
 def test_imports_only_torch_and_stdlib():
-    tree = ast.parse(open(os.path.join(ROOT, "llm.py")).read())
-    top, lazy = set(), set()
-    for node in tree.body:                                                  # module level
-        if isinstance(node, ast.Import):
-            top |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            top.add(node.module.split(".")[0])
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            lazy |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            lazy.add(node.module.split(".")[0])
-    assert top - set(sys.stdlib_module_names) == {"torch"}
-    assert lazy - set(sys.stdlib_module_names) == {"torch", "safetensors", "tokenizers"}
+    path = os.path.join(ROOT, "llm.py")
+    assert imported_packages(path, module_level_only=True) == {"torch"}
+    assert imported_packages(path) == {"torch", "safetensors", "tokenizers"}   # lazy, optional
     code = ("import sys, llm; print([m for m in ('transformers', 'safetensors', 'tokenizers') "
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
