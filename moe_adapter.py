@@ -282,7 +282,9 @@ class MoEAdapter(nn.Module):
         if self.cfg.capacity_factor is not None:
             capacity = math.ceil(self.cfg.capacity_factor * N * k / E)
             start = torch.cumsum(counts, 0) - counts                         # (E,) block offsets
-            keep_sorted = slot - start[slot_expert[order]] < capacity        # rank in block < C
+            # Rank inside the expert's block = sorted position (the same arange as `slot`)
+            # minus the block's start; the first C of each block are kept.
+            keep_sorted = slot - start[slot_expert[order]] < capacity        # (N*k,) sorted order
             kept = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)  # (N*k,) by slot
             gate = gate * kept.view(N, k)                                    # dropped -> gate 0
             order = order[keep_sorted]                                       # (S,) S <= N*k
