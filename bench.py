@@ -193,7 +193,7 @@ def compare_moe(tokens, n_experts, top_k, device, rounds, d=512, d_expert=1024, 
     return out
 
 
-def compare_moa(n_experts, device, rounds, d=768, r=64, b=8, m=600, slots=1, scale=1.0):
+def compare_moa(n_experts, device, rounds, d=768, r=64, b=8, m=600, slots=1):
     """Soft-MoA vs Dense-MoA vs one adapter, forward + backward, up-projections made non-zero."""
     torch.manual_seed(0)
     models = {"soft": SoftMoA(d, n_experts, slots, r), "dense": DenseMoA(d, n_experts, r),
@@ -204,7 +204,7 @@ def compare_moa(n_experts, device, rounds, d=768, r=64, b=8, m=600, slots=1, sca
             for name, p in mod.named_parameters():
                 if ".up." in name or name.startswith("adapter.up"):
                     p.normal_(0, 0.02)
-    x = torch.randn(b, m, d, device=device) * scale
+    x = torch.randn(b, m, d, device=device)
     grad = torch.randn(b, m, d, device=device)
     steps = {k: fwd_bwd(mod, x, None, grad) for k, mod in models.items()}
     times = time_paired(steps, device, rounds)
