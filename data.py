@@ -1271,11 +1271,14 @@ class InstructionDataset(torch.utils.data.Dataset):
     "group" ("semantic" | "paralinguistic"), "index"}; prompt = question + the answer set.
     The task is drawn uniformly among those of `tasks` (default: all of TASKS) whose label the
     clip carries, and the question template likewise, from seed_sequence(seed, "instruction", j):
-    deterministic. Clips with no applicable task are left out.
+    deterministic. Clips with no applicable task are left out. all_tasks=True asks every
+    applicable task of every clip instead (one item per (clip, task) pair, clip-major): more
+    questions from the same audio, and a per-task test set as large as the clips allow.
+    `meta(i)` is an item without its audio (no clip is rendered or read).
     """
 
     def __init__(self, source, tasks: Optional[Sequence[str]] = None, seed: int = 0,
-                 max_seconds: Optional[float] = None):
+                 max_seconds: Optional[float] = None, all_tasks: bool = False):
         names = list(TASKS) if tasks is None else list(tasks)
         for t in names:
             if t not in TASKS:
@@ -1296,20 +1299,26 @@ class InstructionDataset(torch.utils.data.Dataset):
             if ok:
                 rng = np.random.default_rng(seed_sequence(seed, "instruction", j))
                 t = ok[int(rng.integers(len(ok)))]
-                self.items.append((j, t, TASKS[t].questions[int(rng.integers(len(TASKS[t].questions)))]))
+                if not all_tasks:
+                    self.items.append((j, t, TASKS[t].questions[int(rng.integers(len(TASKS[t].questions)))]))
+                    continue
+                for t in ok:                                # template drawn per (clip, task)
+                    rng_t = np.random.default_rng(seed_sequence(seed, f"instruction/{t}", j))
+                    self.items.append((j, t, TASKS[t].questions[int(rng_t.integers(len(TASKS[t].questions)))]))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
+    def meta(self, i: int) -> dict:
         j, t, q = self.items[i]
-        clip = self.source[j]
         choices = self.choices[t]
-        answer = clip.labels[TASKS[t].label]
-        return dict(audio=_audio_tensor(clip, self.max_seconds),
-                    prompt=f"{q} Answer with one of: {', '.join(choices)}.", question=q,
+        answer = self.source.labels(j)[TASKS[t].label]
+        return dict(prompt=f"{q} Answer with one of: {', '.join(choices)}.", question=q,
                     choices=list(choices), answer=answer, answer_index=choices.index(answer),
                     task=t, group=TASKS[t].group, index=j)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(audio=_audio_tensor(self.source[self.items[i][0]], self.max_seconds), **self.meta(i))
 
 
 def collate(items: Sequence[dict]) -> dict:

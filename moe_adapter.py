@@ -207,6 +207,10 @@ class MoEAdapter(nn.Module):
         balance_loss  Eq. 4 over this call's real tokens (1.0 = balanced)
         z_loss        Eq. 5
         expert_load   (E,) share of the real tokens' routed slots each expert was chosen for
+                      (f_e of Eq. 4, no gradient)
+        router_prob   (E,) mean router probability P_e of Eq. 4 (differentiable): with
+                      expert_load and the token count it lets a data-parallel job form Eq. 4
+                      over the global batch (see train.balance_loss)
         dropped       share of routed slots dropped by the capacity limit (0 when dropless)
         expert_index  (B, T', k) chosen experts, -1 at padding tokens
         expert_weight (B, T', k) gate actually applied: 0 at padding and for dropped slots
@@ -324,17 +328,18 @@ class MoEAdapter(nn.Module):
             z = router_z_loss(logits)
             load = torch.bincount(index.reshape(-1), minlength=cfg.n_experts).to(probs.dtype)
             load = load / max(index.numel(), 1)                              # (E,)
+            prob = probs.mean(0) if N else probs.new_zeros(cfg.n_experts)     # (E,) P_e
             dropped = probs.new_tensor(dropped)
         else:
             index = h.new_zeros(N, 0, dtype=torch.long)
             gate_applied = h.new_zeros(N, 0, dtype=torch.float32)
             balance = z = dropped = h.new_zeros((), dtype=torch.float32)
-            load = h.new_zeros(0, dtype=torch.float32)
+            load = prob = h.new_zeros(0, dtype=torch.float32)
         y = self.norm_out(y)                                                 # (N, O) Eq. 3
 
         y, grids = _unpack_tokens(y, index, gate_applied, tok_mask, B, T_tok)
         aux = dict(loss=cfg.balance_weight * balance + cfg.z_weight * z, balance_loss=balance,
-                   z_loss=z, expert_load=load, dropped=dropped, **grids)
+                   z_loss=z, expert_load=load, router_prob=prob, dropped=dropped, **grids)
         return y, aux
 
 
@@ -390,7 +395,8 @@ class DenseAdapter(nn.Module):
         y, grids = _unpack_tokens(y, h.new_zeros(N, 1, dtype=torch.long),
                                   h.new_ones(N, 1, dtype=torch.float32), tok_mask, B, T_tok)
         aux = dict(loss=zero, balance_loss=zero, z_loss=zero, dropped=zero,
-                   expert_load=h.new_ones(1, dtype=torch.float32), **grids)
+                   expert_load=h.new_ones(1, dtype=torch.float32),
+                   router_prob=h.new_ones(1, dtype=torch.float32), **grids)
         return y, aux
 
 

@@ -1,170 +1,974 @@
-"""Demo: the MoE-Adapter against its dense baselines on a toy heterogeneous mapping.
+"""Train the MoE-Adapter paper's audio language model at a scale that fits the machine, and compare
+the MoE adapter with its dense baselines (Lei et al., arXiv 2601.02967).
 
-A stand-in main job until the audio-LLM pipeline lands (encoder -> adapter -> LLM). Sequences of
-encoder-like frames come from `n_domains` sources; each source has its own frame statistics and
-needs its own map from stacked frames to the LLM width (a low-rank linear map per domain). This
-is the setting the MoE-Adapter paper argues for: one shared dense map must serve every domain,
-while routed experts can split them. Each adapter is trained with the same loop, budget and data
-for several seeds, and evaluated on held-out sequences:
+    audio -> log-mel -> Whisper-style encoder (frozen) -> adapter -> decoder LLM (frozen) -> answer
 
-    python train.py                          # defaults below, 3 seeds, about a minute on 2 CPU cores
-    python train.py --steps=600 --seeds=5    # any DemoConfig field as --key=value
+The pipeline, one stage per command, each checkpointed in --out_dir and reused when finished:
+
+    python train.py                        # everything below on the tiny config, then eval.py's table
+    python train.py encoder                # 1. masked-spectrogram pre-training of the encoder
+    python train.py llm                    # 2. text-only pre-training of the LLM
+    python train.py adapter --adapter=moe --seed=0    # 3. one adapter run (encoder and LLM frozen)
+    python train.py --config=small --seeds=5          # any TrainConfig field as --key=value
+    torchrun --nproc_per_node=2 train.py ...          # DistributedDataParallel (gloo CPU / nccl GPU)
+
+1. The encoder learns without any evaluation label: spans of log-mel frames are replaced by a
+   learned vector and the encoder reconstructs them (a masked-acoustic-model objective standing in
+   for Whisper's pre-training). `--encoder_checkpoint=PATH` (a Whisper checkpoint that
+   encoder.load_whisper_encoder reads, or our own encoder.pt) skips it.
+2. The LLM learns on text alone: documents that state a few facts in templated sentences ("the
+   emotion is happy. the word is yes.") then ask one task question and answer it, so it learns the
+   answer sets and to read the answer off the context. The audio tokens later take the place of
+   the facts. `--llm_checkpoint=PATH` (our llm.pt, or a Hugging Face directory with
+   tokenizer.json) skips it.
+3. Each adapter (`moe`, `dense-flops`, `dense-params`, see moe_adapter.build_adapter) is trained
+   on every (clip, task) question of the training split with the next-token loss on the answer plus
+   the MoE auxiliary losses, formed over the global batch (Eq. 4 with data parallelism too).
+
+The frozen encoder's outputs are computed once and cached (`cache_features`), so an adapter step
+costs only the adapter and the LLM. Each adapter run keeps last.pt (resume), best.pt (lowest
+validation loss, a copy), adapter snapshots for eval.py's gradient-conflict analysis, and
+metrics.jsonl; eval.py then scores the test split and prints the comparison.
+
+Notation in shape comments: B batch, F mel bins, T mel frames, T' encoder frames, N tokens
+(audio tokens after stacking, or text tokens), D LLM width, E experts, V vocabulary, G global batch.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import statistics
+import os
+import shutil
 import sys
 import time
+import zlib
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from data import parse_overrides
+import data
+import encoder as enc
+import llm as lm
 from moe_adapter import ADAPTER_KINDS, MoEAdapterConfig, build_adapter, count_params
+
+COMMANDS = ("all", "encoder", "llm", "adapter")
+IGNORE_INDEX = lm.IGNORE_INDEX
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one block of defaults (the tiny config), presets, strict --key=value overrides
 
 
 @dataclass
-class DemoConfig:
-    adapters: str = ",".join(ADAPTER_KINDS)   # comma-separated kinds to compare
-    seeds: int = 3
-    steps: int = 400
-    batch: int = 32                 # sequences per step
-    frames: int = 32                # encoder frames per sequence (8 tokens after stacking by 4)
-    n_domains: int = 8
-    rank: int = 16                  # rank of each domain's target map
-    lr: float = 3e-3
-    warmup: int = 20                # warm-up-stable-decay schedule, as the paper trains
-    decay_frac: float = 0.2         # last 20% of steps decay linearly to 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_sequences: int = 1024
-    log_every: int = 100
+class TrainConfig:
+    out_dir: str = "runs/tiny"
+    adapters: str = "moe,dense-flops,dense-params"   # `all`: the kinds to compare
+    seeds: int = 3                  # `all`: seeds 0 .. seeds-1 of each kind
+    adapter: str = "moe"            # `adapter`: the one kind to train
+    seed: int = 0                   # `adapter`: its seed
     device: str = "auto"            # auto | cpu | cuda
-    n_experts: int = 8              # the adapter: MoEAdapterConfig.tiny() with these overrides
+    dtype: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False           # torch.compile the adapter step's model
+    workers: int = 2                # processes rendering / reading audio
+    evaluate: bool = True           # `all`: run eval.py on each run and print the comparison
+    # data: the synthetic corpus, or a real one (any layout data.py reads)
+    data_dir: str = ""
+    data_label: str = "event"       # data_dir with one folder per class: what the folders name
+    n_clips: int = 4000
+    clip_seconds: float = 1.0       # also the crop of longer real clips
+    data_seed: int = 0
+    prompt: str = "question"        # "question", or "full": the question + the answer set
+    # 1. encoder pre-training (masked log-mel reconstruction)
+    encoder_checkpoint: str = ""
+    n_mels: int = 80
+    enc_d: int = 64
+    enc_layers: int = 2
+    enc_heads: int = 4
+    enc_ff: int = 256
+    enc_steps: int = 600
+    enc_batch: int = 32
+    enc_lr: float = 1e-3
+    enc_mask_frac: float = 0.4      # share of mel frames masked, in spans of enc_span frames
+    enc_span: int = 6
+    # 2. LLM pre-training on templated text
+    llm_checkpoint: str = ""
+    llm_d: int = 128
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_ff: int = 352
+    llm_steps: int = 1200
+    llm_batch: int = 64
+    llm_lr: float = 2e-3
+    max_facts: int = 4              # facts stated before the question (1 .. max_facts)
+    # 3. adapter (moe_adapter.MoEAdapterConfig fields) and its training
+    stack: int = 4
+    n_experts: int = 8
     top_k: int = 2
     d_expert: int = 64
     n_shared: int = 1
     d_shared: int = 256
     balance_weight: float = 1e-2
+    z_weight: float = 0.0
+    lora_rank: int = 0              # > 0: LoRA on the LLM's projections, trained with the adapter
+    steps: int = 800
+    batch: int = 32
+    lr: float = 2e-3
+    warmup: int = 20                # warm-up-stable-decay, as the paper trains
+    decay_frac: float = 0.2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 100           # validation loss (and best.pt) every this many steps
+    valid_items: int = 512          # validation questions used for it
+    log_every: int = 50
+    snapshots: int = 4              # adapter snapshots kept for the gradient-conflict analysis
+    cache_features: bool = True     # run the frozen encoder once over every clip
+
+    def __post_init__(self):
+        if self.prompt not in ("question", "full"):
+            raise ValueError(f"prompt must be 'question' or 'full', got {self.prompt!r}")
+        for kind in self.adapters.split(",") + [self.adapter]:
+            if kind not in ADAPTER_KINDS:
+                raise ValueError(f"unknown adapter {kind!r}; allowed: {', '.join(ADAPTER_KINDS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        for name in ("seeds", "enc_steps", "enc_batch", "llm_steps", "llm_batch", "steps", "batch",
+                     "eval_every", "log_every", "max_facts", "enc_span", "n_clips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.enc_mask_frac < 1.0:
+            raise ValueError(f"enc_mask_frac must be in (0, 1), got {self.enc_mask_frac}")
+
+    # Presets: tiny (the defaults above) for a 2-core CPU; small for one GPU in about half an hour;
+    # paper: the published shapes, for users with the real checkpoints.
+
+    @classmethod
+    def tiny(cls, **kw) -> "TrainConfig":
+        return cls(**kw)
+
+    @classmethod
+    def small(cls, **kw) -> "TrainConfig":
+        return cls(**{**dict(out_dir="runs/small", n_clips=20000, clip_seconds=2.5, enc_d=256,
+                             enc_layers=4, enc_heads=4, enc_ff=1024, enc_steps=4000, enc_batch=64,
+                             llm_d=384, llm_layers=6, llm_heads=6, llm_kv_heads=2, llm_ff=1024,
+                             llm_steps=6000, llm_batch=128, llm_lr=1e-3, d_expert=256, d_shared=1024,
+                             steps=4000, batch=64, lr=1e-3, eval_every=250), **kw})
+
+    @classmethod
+    def paper(cls, **kw) -> "TrainConfig":
+        """Whisper-large-v3 encoder and Qwen3-1.7B from local checkpoints, the paper's adapter
+        (E 8, top-4, experts 1280 wide, one shared expert of 10240). Deviation: the paper's adapter
+        takes 2560-wide tokens at 12.5 Hz from a front-end it does not describe; stacking 2 frames
+        of large-v3's 1280 gives the same width (so the same 94.4M parameters) at 25 Hz."""
+        return cls(**{**dict(out_dir="runs/paper", n_mels=128, clip_seconds=30.0, stack=2,
+                             n_experts=8, top_k=4, d_expert=1280, n_shared=1, d_shared=10240,
+                             lr=1e-5, warmup=20, batch=16, steps=20000, eval_every=1000,
+                             cache_features=False, prompt="full"), **kw})
+
+    def adapter_config(self, d_in: int, d_out: int) -> MoEAdapterConfig:
+        return MoEAdapterConfig(d_in=d_in, d_out=d_out, stack=self.stack, n_experts=self.n_experts,
+                                top_k=self.top_k, d_expert=self.d_expert, n_shared=self.n_shared,
+                                d_shared=self.d_shared, balance_weight=self.balance_weight,
+                                z_weight=self.z_weight)
+
+
+PRESETS = ("tiny", "small", "paper")
+
+
+def parse_args(argv: Sequence[str]):
+    """[COMMAND] [--config=NAME] [--resume] [--key=value ...] -> (command, TrainConfig, resume)."""
+    argv = list(argv)
+    command = argv.pop(0) if argv and not argv[0].startswith("-") else "all"
+    if command not in COMMANDS:
+        raise SystemExit(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
+    preset, resume, rest = "tiny", False, []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--resume":
+            resume = True
+        elif a == "--config" and i + 1 < len(argv):
+            preset, i = argv[i + 1], i + 1
+        elif a.startswith("--config="):
+            preset = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown config {preset!r}; allowed: {', '.join(PRESETS)}")
+    base = getattr(TrainConfig, preset)()
+    try:
+        cfg = dataclasses.replace(base, **data.parse_overrides(base, rest))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return command, cfg, resume
 
 
 # ----------------------------------------------------------------------------------------------
-# Toy heterogeneous data: a pure function of the seed.
+# Devices, processes, checkpoints
 
 
-class ToyDomains:
-    """Domain c: frames ~ N(mu_c, diag(s_c)^2); target token = W_c . stacked frames (rank r)."""
+@dataclass
+class Ctx:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    autocast: Callable = nullcontext
 
-    def __init__(self, adapter_cfg: MoEAdapterConfig, n_domains: int, rank: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        d, D, O = adapter_cfg.d_in, adapter_cfg.d_token, adapter_cfg.d_out
-        self.cfg, self.n_domains = adapter_cfg, n_domains
-        self.mu = torch.randn(n_domains, d, generator=g)                     # (C, d)
-        self.scale = torch.rand(n_domains, d, generator=g) + 0.5             # (C, d)
-        u = torch.randn(n_domains, O, rank, generator=g) / rank ** 0.5
-        v = torch.randn(n_domains, rank, D, generator=g) / D ** 0.5
-        self.maps = u @ v                                                     # (C, O, D)
-        self.target_std = 1.0
-        _, target, _ = self.batch(256, 32, g)                                 # fixed normaliser
-        self.target_std = target.std().item()
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
-    def batch(self, n: int, frames: int, g: torch.Generator):
-        c = torch.randint(0, self.n_domains, (n,), generator=g)              # (B,)
-        x = self.mu[c, None] + self.scale[c, None] * torch.randn(n, frames, self.cfg.d_in, generator=g)
-        tokens = x.reshape(n, frames // self.cfg.stack, self.cfg.d_token)     # (B, T', D)
-        target = torch.einsum("bod,btd->bto", self.maps[c], tokens)           # (B, T', O)
-        return x, target / self.target_std, c
+
+def make_ctx(cfg: TrainConfig) -> Ctx:
+    """Device, autocast and (under torchrun) the process group: gloo on CPU, nccl on CUDA."""
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device=cuda but torch sees no CUDA device")
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1:
+        rank = dist.get_rank()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    return Ctx(device, rank, world, autocast)
+
+
+def global_sum(x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    """Sum of a (no-grad) tensor over the processes; itself in a single process."""
+    if ctx.world > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+    return x
+
+
+def barrier(ctx: Ctx) -> None:
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load(path: str):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_same_config(path: str, want: dict, what: str) -> None:
+    """A finished stage is reused only if it was made with the same settings."""
+    have = load(path)["stage_config"]
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+        changes = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in diff[:6])
+        raise SystemExit(f"{path} holds a {what} made with other settings ({changes}); use another "
+                         f"--out_dir, or delete it to retrain")
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop, written out.
+# The training loop, written out once for all three stages
 
 
-def lr_at(step: int, cfg: DemoConfig) -> float:
-    """Warm-up-stable-decay: linear warm-up, constant, then linear decay to 0."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+@dataclass
+class Schedule:
+    steps: int
+    batch: int                      # global batch G (split evenly over the processes)
+    lr: float
+    warmup: int = 20
+    decay_frac: float = 0.2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+def lr_at(step: int, s: Schedule) -> float:
+    """Warm-up-stable-decay: linear warm-up, constant, then linear decay to 0 (the paper's WSD)."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    decay_start = int(s.steps * (1 - s.decay_frac))
     if step < decay_start:
-        return cfg.lr
-    return cfg.lr * (cfg.steps - step) / max(cfg.steps - decay_start, 1)
+        return s.lr
+    return s.lr * (s.steps - step) / max(s.steps - decay_start, 1)
 
 
-def train_one(kind: str, seed: int, cfg: DemoConfig, adapter_cfg: MoEAdapterConfig, device) -> dict:
-    torch.manual_seed(seed)
-    data = ToyDomains(adapter_cfg, cfg.n_domains, cfg.rank, seed)
-    model = build_adapter(kind, adapter_cfg).to(device)
-    use_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                            weight_decay=cfg.weight_decay, fused=use_cuda)
-    g = torch.Generator().manual_seed(1000 + seed)                # training stream
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
+def batch_indices(step: int, n: int, G: int, seed: int, ctx: Ctx) -> torch.Tensor:
+    """This process's share of the global batch of `step`: epochs are seeded permutations of the
+    n items (the last incomplete batch dropped), so the order is a pure function of (seed, step),
+    the same for any number of processes, and a resumed run continues where it stopped."""
+    epoch, k = divmod(step, n // G)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    glob = perm[k * G:(k + 1) * G]                                           # (G,)
+    per = G // ctx.world
+    return glob[ctx.rank * per:(ctx.rank + 1) * per]
+
+
+def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx, run_dir: str,
+        resume: bool, seed: int, n_items: Optional[int], state: Callable[[], dict], load_state: Callable[[dict], None],
+        validate: Optional[Callable[[], float]] = None, eval_every: int = 0, log_every: int = 50,
+        snapshot_steps: Sequence[int] = (), snapshot: Optional[Callable[[], dict]] = None,
+        tokens_per_item: float = 1.0) -> dict:
+    """Train `model`'s trainable parameters; checkpoints, logs and metrics go to run_dir.
+
+    step_loss(model, step, idx) -> (loss, logged): idx are this process's items of the step's
+    global batch (batch_indices over n_items; n_items None: an endless stream, idx are the
+    positions 0..G-1 inside the step's global batch); loss must be scaled so that DDP's gradient *average* over the processes is the
+    gradient of the global-batch loss (see AdapterStep). state()/load_state(d) save and restore
+    what the stage trains. Returns a summary dict.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.batch % ctx.world:
+        raise SystemExit(f"{name}: the global batch {s.batch} must be a multiple of the {ctx.world} processes")
+    if n_items is not None and n_items < s.batch:
+        raise SystemExit(f"{name}: {n_items} training items are fewer than one batch of {s.batch}")
+    opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay,
+                            fused=ctx.device.type == "cuda")
+    last, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
+    start, best, best_step, elapsed = 0, math.inf, -1, 0.0
+    if resume and os.path.exists(last):
+        ck = load(last)
+        load_state(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, best, best_step, elapsed = ck["step"], ck["best"], ck["best_step"], ck["elapsed"]
+        torch.set_rng_state(ck["rng"])
+        if ctx.main:
+            print(f"{name}: resuming at step {start} from {last}")
+    elif ctx.main:
+        os.makedirs(run_dir, exist_ok=True)
+        open(metrics_path, "w").close()
+    if ctx.main and snapshot is not None and 0 in snapshot_steps and start == 0:
+        save_atomic(snapshot(), os.path.join(run_dir, "snapshots", "step0.pt"))
+    ddp = model
+    if ctx.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=True)                 # an expert may get no token on a rank
+
+    def checkpoint(step):
+        save_atomic(dict(model=state(), optimizer=opt.state_dict(), step=step, best=best,
+                         best_step=best_step, elapsed=elapsed, rng=torch.get_rng_state()), last)
+
+    bar = tqdm(range(start, s.steps), desc=name, disable=not ctx.main or not sys.stderr.isatty(), leave=False,
+               dynamic_ncols=True, mininterval=1.0)
+    t_log = time.perf_counter()
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, s)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, target, _ = data.batch(cfg.batch, cfg.frames, g)
-        x, target = x.to(device), target.to(device)
-        with autocast:
-            y, aux = model(x)
-            task = F.mse_loss(y.float(), target)
-            loss = task + aux["loss"]                             # aux is on whenever its weight > 0
+            group["lr"] = lr
+        model.train()
+        idx = batch_indices(step, n_items, s.batch, seed, ctx) if n_items else \
+            torch.arange(s.batch).chunk(ctx.world)[ctx.rank]
+        loss, logged = step_loss(ddp, step, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            dt = (time.perf_counter() - t0) / (step + 1)
-            tokens = cfg.batch * cfg.frames // adapter_cfg.stack
-            print(f"  {kind:12s} seed {seed} step {step + 1:4d} | mse {task.item():.4f} "
-                  f"balance {aux['balance_loss'].item():.3f} lr {lr_at(step, cfg):.2e} "
-                  f"grad {grad_norm.item():.2f} | {dt * 1e3:.1f} ms/step {tokens / dt:,.0f} tok/s")
-    # Held-out sequences from a stream the training never drew from.
+        elapsed += time.perf_counter() - t0
+        done = step + 1
+        record = dict(step=done, lr=lr, grad_norm=float(grad_norm), **logged)
+        if validate is not None and (done % eval_every == 0 or done == s.steps):
+            if ctx.main:
+                record["valid_loss"] = v = validate()
+                if v < best:
+                    best, best_step = v, done
+                    save_atomic(state(), os.path.join(run_dir, "best.pt"))   # a copy, not a reference
+            barrier(ctx)
+        if ctx.main and snapshot is not None and done in snapshot_steps:
+            save_atomic(snapshot(), os.path.join(run_dir, "snapshots", f"step{done}.pt"))
+        if ctx.main:
+            record["ms_per_step"] = 1e3 * elapsed / (done - start if start else done)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if done % log_every == 0 or done == s.steps or "valid_loss" in record:
+                dt = (time.perf_counter() - t_log) / max(log_every, 1)
+                shown = " ".join(f"{k} {v:.4g}" for k, v in logged.items())
+                valid = f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
+                tqdm.write(f"{name} step {done:5d} | {shown} | lr {lr:.2e} grad {float(grad_norm):.2f} "
+                           f"| {record['ms_per_step']:.0f} ms/step "
+                           f"{s.batch * tokens_per_item / (elapsed / (done - start or 1)):,.0f} tok/s{valid}")
+                t_log = time.perf_counter()
+            if done % max(eval_every or log_every, 1) == 0 or done == s.steps:
+                checkpoint(done)
+    bar.close()
+    barrier(ctx)
+    return dict(steps=s.steps, seconds=elapsed, best_valid=best, best_step=best_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: sources, the log-mel cache, instruction items
+
+
+def real_sources(root: str, label: str) -> Dict[str, object]:
+    """train/valid/test of a real corpus in any layout data.py reads (detected from its files)."""
+    j = lambda *p: os.path.join(root, *p)
+    if os.path.exists(j("meta", "esc50.csv")):
+        full, folds = data.load_esc50(root), (["fold1", "fold2", "fold3"], ["fold4"], ["fold5"])
+    elif os.path.exists(j("metadata", "UrbanSound8K.csv")):
+        full, folds = data.load_urbansound8k(root), ([f"fold{k}" for k in range(1, 9)], ["fold9"], ["fold10"])
+    elif os.path.exists(j("validation_list.txt")):
+        full, folds = data.load_speech_commands(root), (["train"], ["valid"], ["test"])
+    elif os.path.exists(j("data", "train_data.csv")):
+        full, folds = data.load_fluent_speech_commands(root), (["train"], ["valid"], ["test"])
+    elif os.path.isdir(root):
+        if label not in {t.label for t in data.TASKS.values()}:
+            raise SystemExit(f"--data_label={label!r} names no task label; allowed: "
+                             f"{', '.join(sorted({t.label for t in data.TASKS.values()}))}")
+        full = data.load_folder_per_class(root, label=label)
+        # No split files: 80/10/10 by a hash of the file name, stable across runs and machines.
+        for r in full.records:
+            h = zlib.crc32(os.path.basename(r.path).encode()) % 10
+            r.split = "test" if h == 0 else "valid" if h == 1 else "train"
+        folds = (["train"], ["valid"], ["test"])
+    else:
+        raise SystemExit(f"--data_dir={root}: no such folder")
+    return dict(zip(("train", "valid", "test"), (full.select(f) for f in folds)))
+
+
+def sources(cfg: TrainConfig) -> Dict[str, object]:
+    if cfg.data_dir:
+        return real_sources(cfg.data_dir, cfg.data_label)
+    corpus = data.CorpusConfig.tiny(n_clips=cfg.n_clips, clip_seconds=cfg.clip_seconds, seed=cfg.data_seed)
+    return {s: data.SyntheticCorpus(corpus, s) for s in ("train", "valid", "test")}
+
+
+class _Clips(torch.utils.data.Dataset):
+    def __init__(self, source, max_seconds):
+        self.source, self.max_seconds = source, max_seconds
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, j):
+        clip = self.source[j]
+        return dict(audio=data._audio_tensor(clip, self.max_seconds), domain=clip.domain)
+
+
+def log_mel(audio: torch.Tensor, lengths: torch.Tensor, n_mels: int, n_frames: int):
+    """Whisper's log-mel of a padded batch: (B, F, n_frames) and frame lengths (B,)."""
+    mel, mask = enc.whisper_log_mel(audio, n_mels=n_mels, n_frames=n_frames, lengths=lengths)
+    return mel, mask.sum(1)
+
+
+def mel_cache(cfg: TrainConfig, srcs: dict, ctx: Ctx) -> dict:
+    """{split: dict(mel (N, F, T) fp16, frames (N,), domain [N])} for every clip, made once
+    (out_dir/mel.pt). Rendering the synthetic clips is the slow part, hence the worker processes."""
+    path = os.path.join(cfg.out_dir, "mel.pt")
+    want = dict(data_dir=cfg.data_dir, data_label=cfg.data_label, n_clips=cfg.n_clips,
+                clip_seconds=cfg.clip_seconds, data_seed=cfg.data_seed, n_mels=cfg.n_mels)
+    if ctx.main and not os.path.exists(path):
+        n_frames = math.ceil(cfg.clip_seconds * data.SAMPLE_RATE / 160)
+        out = {}
+        for split, src in srcs.items():
+            loader = torch.utils.data.DataLoader(_Clips(src, cfg.clip_seconds), batch_size=64,
+                                                 num_workers=cfg.workers, collate_fn=data.collate)
+            mels, frames, domains = [], [], []
+            for b in tqdm(loader, desc=f"audio {split}", leave=False, mininterval=1.0, disable=not sys.stderr.isatty()):
+                mel, n = log_mel(b["audio"], b["lengths"], cfg.n_mels, n_frames)
+                mels.append(mel.half())
+                frames.append(n)
+                domains += b["domain"]
+            out[split] = dict(mel=torch.cat(mels), frames=torch.cat(frames), domain=domains)
+        save_atomic(dict(stage_config=want, **out), path)
+    barrier(ctx)
+    check_same_config(path, want, "log-mel cache")
+    return {k: v for k, v in load(path).items() if k != "stage_config"}
+
+
+def instruction_items(cfg: TrainConfig, srcs: dict) -> Dict[str, List[dict]]:
+    """Every (clip, task) question of each split, without audio (data.InstructionDataset.meta)."""
+    out = {}
+    for split, src in srcs.items():
+        ds = data.InstructionDataset(src, all_tasks=True, seed=cfg.data_seed)
+        out[split] = [ds.meta(i) for i in range(len(ds))]
+        if not out[split]:
+            raise SystemExit(f"the {split} split has no clip with a task label "
+                             f"({', '.join(sorted({t.label for t in data.TASKS.values()}))})")
+    return out
+
+
+def task_choices(items: List[dict]) -> Dict[str, List[str]]:
+    return {it["task"]: it["choices"] for it in items}
+
+
+def prompt_text(item: dict, style: str) -> str:
+    return item["question"] if style == "question" else item["prompt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: masked log-mel reconstruction
+
+
+class MaskedMelModel(nn.Module):
+    """Encoder + a linear head that reconstructs the masked log-mel frames (2 per encoder frame,
+    Whisper's conv stride). Masked input frames are replaced by a learned vector."""
+
+    def __init__(self, encoder: enc.WhisperEncoder):
+        super().__init__()
+        n_mels, d = encoder.cfg.n_mels, encoder.cfg.d
+        self.encoder = encoder
+        self.mask_vector = nn.Parameter(torch.zeros(n_mels))
+        self.head = nn.Linear(d, 2 * n_mels)
+
+    def forward(self, mel, frames, masked):
+        # mel (B, F, T), frames (B,) real frame counts, masked (B, T) bool
+        B, Fm, T = mel.shape
+        real = torch.arange(T, device=mel.device)[None, :] < frames[:, None]       # (B, T)
+        x = torch.where(masked[:, None, :], self.mask_vector[None, :, None].to(mel.dtype), mel)
+        h = self.encoder(x, real).features                                         # (B, T', d)
+        pred = self.head(h).float()                                                # (B, T', 2F)
+        Tp = h.shape[1]
+        target = F.pad(mel, (0, 2 * Tp - T)).float()                               # (B, F, 2T')
+        target = target.view(B, Fm, Tp, 2).permute(0, 2, 3, 1).reshape(B, Tp, 2 * Fm)
+        hit = F.pad(masked & real, (0, 2 * Tp - T)).view(B, Tp, 2).any(-1)         # (B, T')
+        err = (pred - target).pow(2).mean(-1)                                      # (B, T')
+        return (err * hit).sum(), hit.sum()
+
+
+def span_mask(G: int, T: int, frac: float, span: int, g: torch.Generator) -> torch.Tensor:
+    """(G, T) bool: spans of `span` frames starting at random frames, about `frac` of T covered."""
+    n_starts = max(1, round(frac * T / span))
+    starts = torch.randint(0, max(T - span, 1), (G, n_starts), generator=g)      # (G, S)
+    t = torch.arange(T)
+    return ((t[None, None, :] >= starts[..., None]) & (t[None, None, :] < starts[..., None] + span)).any(1)
+
+
+def encoder_config(cfg: TrainConfig) -> enc.WhisperEncoderConfig:
+    return enc.WhisperEncoderConfig(n_mels=cfg.n_mels, d=cfg.enc_d, n_layers=cfg.enc_layers,
+                                    n_heads=cfg.enc_heads, d_ff=cfg.enc_ff)
+
+
+def stage_encoder(cfg: TrainConfig, mels: dict, ctx: Ctx, resume: bool) -> enc.WhisperEncoder:
+    """Pre-train (or load) the encoder; returns it frozen, in eval mode, on ctx.device."""
+    if cfg.encoder_checkpoint:
+        path = cfg.encoder_checkpoint
+        if path.endswith(".pt") and "stage_config" in load(path):                 # our own encoder.pt
+            ck = load(path)
+            model = enc.WhisperEncoder(enc.WhisperEncoderConfig(**ck["config"]))
+            model.load_state_dict(ck["model"])
+        else:
+            model, report = enc.load_whisper_encoder(path)
+            if ctx.main:
+                print(report)
+        if model.cfg.n_mels != cfg.n_mels:
+            raise SystemExit(f"{path}: the encoder takes {model.cfg.n_mels} mel bins but --n_mels="
+                             f"{cfg.n_mels}; set --n_mels={model.cfg.n_mels}")
+        return lm.freeze(model).to(ctx.device).eval()
+    run_dir = os.path.join(cfg.out_dir, "encoder")
+    final = os.path.join(run_dir, "encoder.pt")
+    ecfg = encoder_config(cfg)
+    want = dict(asdict(ecfg), steps=cfg.enc_steps, batch=cfg.enc_batch, lr=cfg.enc_lr,
+                mask_frac=cfg.enc_mask_frac, span=cfg.enc_span, **load(os.path.join(cfg.out_dir, "mel.pt"))["stage_config"])
+    if not os.path.exists(final):
+        torch.manual_seed(cfg.data_seed)
+        model = MaskedMelModel(enc.WhisperEncoder(ecfg)).to(ctx.device)
+        mel, frames = mels["train"]["mel"], mels["train"]["frames"]               # (N, F, T), (N,)
+        s = Schedule(cfg.enc_steps, cfg.enc_batch, cfg.enc_lr, warmup=min(50, cfg.enc_steps // 10 + 1))
+
+        def step_loss(m, step, idx):
+            g = torch.Generator().manual_seed(cfg.data_seed * 7919 + step)
+            masked = span_mask(s.batch, mel.shape[2], cfg.enc_mask_frac, cfg.enc_span, g)   # (G, T)
+            per = s.batch // ctx.world
+            masked = masked[ctx.rank * per:(ctx.rank + 1) * per]
+            x = mel[idx].to(ctx.device).float()
+            with ctx.autocast():
+                err, n = m(x, frames[idx].to(ctx.device), masked.to(ctx.device))
+            n_all = global_sum(n.float(), ctx)
+            loss = err * ctx.world / n_all.clamp(min=1)        # DDP averages: x world -> global mean
+            return loss, dict(mse=float(global_sum(err.detach(), ctx) / n_all.clamp(min=1)))
+        summary = fit("encoder", model, step_loss, s, ctx, run_dir, resume, cfg.data_seed, len(mel),
+                      state=model.state_dict, load_state=model.load_state_dict,
+                      tokens_per_item=mel.shape[2] / 2)
+        if ctx.main:
+            save_atomic(dict(stage_config=want, config=asdict(ecfg), model=model.encoder.state_dict(),
+                             summary=summary), final)
+        barrier(ctx)
+    check_same_config(final, want, "pre-trained encoder")
+    ck = load(final)
+    model = enc.WhisperEncoder(enc.WhisperEncoderConfig(**ck["config"]))
+    model.load_state_dict(ck["model"])
+    return lm.freeze(model).to(ctx.device).eval()
+
+
+@torch.no_grad()
+def encode(encoder: enc.WhisperEncoder, mel: torch.Tensor, frames: torch.Tensor, ctx: Ctx, batch: int = 256):
+    """Frozen encoder over cached log-mels: (N, T', d) float32 and (N, T') bool, on the CPU."""
+    feats, masks = [], []
+    for i in range(0, len(mel), batch):
+        x = mel[i:i + batch].to(ctx.device).float()
+        real = torch.arange(x.shape[2], device=ctx.device)[None, :] < frames[i:i + batch, None].to(ctx.device)
+        with ctx.autocast():
+            out = encoder(x, real)
+        feats.append(out.features.float().cpu())
+        masks.append(out.mask.cpu())
+    return torch.cat(feats), torch.cat(masks)
+
+
+def feature_cache(cfg: TrainConfig, encoder, mels: dict, ctx: Ctx) -> dict:
+    """{split: (features (N, T', d), mask (N, T'))} of the frozen encoder: made once per out_dir."""
+    path = os.path.join(cfg.out_dir, "features.pt")
+    src = cfg.encoder_checkpoint or os.path.join(cfg.out_dir, "encoder", "encoder.pt")
+    want = dict(encoder=os.path.abspath(src), mtime=os.path.getmtime(src))
+    if ctx.main and (not os.path.exists(path) or load(path)["stage_config"] != want):
+        out = {s: encode(encoder, m["mel"], m["frames"], ctx) for s, m in mels.items()}
+        save_atomic(dict(stage_config=want, **out), path)
+    barrier(ctx)
+    return {k: v for k, v in load(path).items() if k != "stage_config"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: the LLM on templated text
+
+
+def fact(task: str, value: str) -> str:
+    return f"the {data.TASKS[task].label.replace('_', ' ')} is {value}."
+
+
+def text_document(rng: np.random.Generator, choices: Dict[str, List[str]], style: str, max_facts: int):
+    """(context text, answer): 1..max_facts facts about distinct tasks in random order, then a
+    question about one of them. Values are uniform over each task's answer set."""
+    tasks = sorted(choices)
+    n = int(rng.integers(1, min(max_facts, len(tasks)) + 1))
+    told = [tasks[i] for i in rng.choice(len(tasks), size=n, replace=False)]
+    values = {t: choices[t][int(rng.integers(len(choices[t])))] for t in told}
+    asked = told[int(rng.integers(n))]
+    q = data.TASKS[asked].questions[int(rng.integers(len(data.TASKS[asked].questions)))]
+    item = dict(question=q, prompt=f"{q} Answer with one of: {', '.join(choices[asked])}.")
+    return " ".join(fact(t, values[t]) for t in told) + " " + prompt_text(item, style), values[asked]
+
+
+def build_tokenizer(choices: Dict[str, List[str]]) -> lm.WordTokenizer:
+    """Every word the documents and the questions can use, from the task tables alone."""
+    texts = []
+    for t, values in choices.items():
+        texts += list(data.TASKS[t].questions) + [f"Answer with one of: {', '.join(values)}."]
+        texts += [fact(t, v) for v in values]
+    return lm.WordTokenizer.build(texts)
+
+
+def llm_config(cfg: TrainConfig, tok) -> lm.LLMConfig:
+    return lm.LLMConfig(d_model=cfg.llm_d, n_layers=cfg.llm_layers, n_heads=cfg.llm_heads,
+                        n_kv_heads=cfg.llm_kv_heads, d_ff=cfg.llm_ff, max_seq_len=1024, **tok.config_ids())
+
+
+def text_batch(tok, lcfg: lm.LLMConfig, texts, answers, device):
+    """Whole-text next-token batch: [BOS] context answer EOS, loss on every real token."""
+    b = lm.build_batch([tok.encode(t) for t in texts], [tok.encode(a) for a in answers], cfg=lcfg,
+                       device=device)
+    return b["input_ids"], b["attention_mask"], b["input_ids"].masked_fill(~b["attention_mask"], IGNORE_INDEX)
+
+
+@torch.no_grad()
+def text_accuracy(model: lm.LLM, tok, choices, style, max_facts, ctx: Ctx, n: int = 256, seed: int = 10**6) -> float:
+    """Held-out documents: share whose greedy answer is exactly right (the LLM's reading skill)."""
+    rng = np.random.default_rng(seed)
+    docs = [text_document(rng, choices, style, max_facts) for _ in range(n)]
+    b = lm.build_batch([tok.encode(c) for c, _ in docs], cfg=model.cfg, padding_side="left", device=ctx.device)
     model.eval()
-    x, target, domain = data.batch(cfg.eval_sequences, cfg.frames, torch.Generator().manual_seed(10**6 + seed))
-    with torch.no_grad(), autocast:
-        y, aux = model(x.to(device))
-    mse = F.mse_loss(y.float().cpu(), target).item() / target.var().item()
-    return dict(mse=mse, max_load=aux["expert_load"].max().item(), seconds=time.perf_counter() - t0)
+    out = model.generate(b["input_ids"], b["attention_mask"], max_new_tokens=8)
+    return float(np.mean([tok.decode(o.tolist()) == tok.decode(tok.encode(a)) for o, (_, a) in zip(out, docs)]))
 
 
-def main(argv):
-    cfg = DemoConfig()
-    cfg = dataclasses.replace(cfg, **parse_overrides(cfg, argv))
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
-    adapter_cfg = MoEAdapterConfig.tiny(n_experts=cfg.n_experts, top_k=cfg.top_k, d_expert=cfg.d_expert,
-                                        n_shared=cfg.n_shared, d_shared=cfg.d_shared,
-                                        balance_weight=cfg.balance_weight)
-    kinds = cfg.adapters.split(",")
-    for kind in kinds:
-        if kind not in ADAPTER_KINDS:
-            raise SystemExit(f"unknown adapter {kind!r}; allowed: {', '.join(ADAPTER_KINDS)}")
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"adapter config {dataclasses.asdict(adapter_cfg)}")
-    results = {}
-    for kind in kinds:
-        results[kind] = [train_one(kind, seed, cfg, adapter_cfg, device) for seed in range(cfg.seeds)]
+def stage_llm(cfg: TrainConfig, choices: Dict[str, List[str]], ctx: Ctx, resume: bool):
+    """Pre-train (or load) the LLM; returns (tokenizer, frozen LLM on ctx.device)."""
+    if cfg.llm_checkpoint:
+        path = cfg.llm_checkpoint
+        if path.endswith(".pt"):                                                   # our own llm.pt
+            ck = load(path)
+            tok = lm.WordTokenizer.from_dict(ck["tokenizer"])
+            model = lm.LLM(lm.LLMConfig(**ck["config"]))
+            model.load_state_dict(ck["model"])
+        else:                                                                      # Hugging Face dir
+            model = lm.load_llm(path, dtype=torch.float32)
+            c = model.cfg
+            if c.audio_token_id is None:
+                raise SystemExit(f"{path}: the LLM has no audio placeholder token; pass a config with "
+                                 f"audio_token_id (e.g. Qwen's <|AUDIO|>)")
+            tok = lm.HFTokenizer(path)
+            tok.bos_id, tok.eos_id, tok.pad_id, tok.audio_id = c.bos_id, c.eos_id, c.pad_id, c.audio_token_id
+        return tok, lm.freeze(model).to(ctx.device).eval()
+    tok = build_tokenizer(choices)
+    lcfg = llm_config(cfg, tok)
+    run_dir = os.path.join(cfg.out_dir, "llm")
+    final = os.path.join(run_dir, "llm.pt")
+    want = dict(asdict(lcfg), steps=cfg.llm_steps, batch=cfg.llm_batch, lr=cfg.llm_lr, prompt=cfg.prompt,
+                max_facts=cfg.max_facts, vocab=tok.itos, data_seed=cfg.data_seed)
+    if not os.path.exists(final):
+        torch.manual_seed(cfg.data_seed)
+        model = lm.LLM(lcfg).to(ctx.device)
+        s = Schedule(cfg.llm_steps, cfg.llm_batch, cfg.llm_lr, warmup=min(50, cfg.llm_steps // 10 + 1),
+                     weight_decay=0.1)
 
-    print(f"\nHeld-out relative MSE (MSE / target variance; lower is better), "
-          f"{cfg.seeds} seeds, {cfg.steps} steps:\n")
-    print("| adapter | params (total) | params (active) | MFLOPs/token | rel. MSE, mean ± std | max expert load |")
-    print("|---|---|---|---|---|---|")
-    for kind in kinds:
-        with torch.device("meta"):
-            n = count_params(build_adapter(kind, adapter_cfg))
-        mses = [r["mse"] for r in results[kind]]
-        std = statistics.stdev(mses) if len(mses) > 1 else math.nan
-        load = f"{statistics.mean(r['max_load'] for r in results[kind]):.3f}" if kind == "moe" else "–"
-        print(f"| {kind} | {n['total']:,} | {n['active']:,} | {n['flops_per_token'] / 1e6:.3f} "
-              f"| {statistics.mean(mses):.4f} ± {std:.4f} | {load} |")
-    total = sum(r["seconds"] for rs in results.values() for r in rs)
-    print(f"\ntotal training time {total:.0f} s")
+        def step_loss(m, step, idx):
+            # Document p of the stream is a pure function of (seed, p): nothing to store or shard.
+            docs = [text_document(np.random.default_rng([cfg.data_seed, 17, step * s.batch + int(i)]),
+                                  choices, cfg.prompt, cfg.max_facts) for i in idx]
+            ids, attn, labels = text_batch(tok, lcfg, [c for c, _ in docs], [a for _, a in docs], ctx.device)
+            with ctx.autocast():
+                logits, _ = m(ids, attn)
+            ce, n = token_ce(logits, labels)
+            n_all = global_sum(n, ctx)
+            return ce * ctx.world / n_all, dict(ce=float(global_sum(ce.detach(), ctx) / n_all))
+        summary = fit("llm", model, step_loss, s, ctx, run_dir, resume, cfg.data_seed, None,
+                      state=model.state_dict, load_state=model.load_state_dict, tokens_per_item=20)
+        if ctx.main:
+            summary["text_accuracy"] = text_accuracy(model, tok, choices, cfg.prompt, cfg.max_facts, ctx)
+            print(f"llm: held-out text question accuracy {summary['text_accuracy']:.3f}")
+            save_atomic(dict(stage_config=want, config=asdict(lcfg), model=model.state_dict(),
+                             tokenizer=tok.to_dict(), summary=summary), final)
+        barrier(ctx)
+    check_same_config(final, want, "pre-trained LLM")
+    ck = load(final)
+    model = lm.LLM(lm.LLMConfig(**ck["config"]))
+    model.load_state_dict(ck["model"])
+    return tok, lm.freeze(model).to(ctx.device).eval()
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor):
+    """Sum of next-token cross-entropies (float32) over the labelled positions, and their count:
+    the loss of a global batch is sum / global count, whatever the split over processes."""
+    target = labels[:, 1:]                                                         # (B, N-1)
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce, (target != IGNORE_INDEX).sum().float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: the adapter between the frozen encoder and the frozen LLM
+
+
+class AudioLLM(nn.Module):
+    """encoder features -> adapter -> LLM. forward(features, mask, prompts, answers) returns the
+    logits, the labels (answer + EOS, build_batch's layout) and the adapter's aux record."""
+
+    def __init__(self, adapter: nn.Module, llm: lm.LLM):
+        super().__init__()
+        self.adapter, self.llm = adapter, llm
+
+    def forward(self, feats, fmask, prompts: List[List[int]], answers: Optional[List[List[int]]] = None,
+                padding_side: str = "right"):
+        y, aux = self.adapter(feats, fmask)                                        # (B, N_a, D)
+        b = lm.build_batch(prompts, answers, aux["mask"].sum(1).tolist(), cfg=self.llm.cfg,
+                           padding_side=padding_side, device=feats.device)
+        logits, _ = self.llm(b["input_ids"], b["attention_mask"], audio_embeds=y, audio_mask=aux["mask"])
+        return logits, b.get("labels"), aux, b
+
+
+def balance_loss(aux: dict, ctx: Ctx) -> torch.Tensor:
+    """Eq. 4 over the GLOBAL batch, scaled for DDP's gradient average.
+
+    L = E sum_e f_e P_e with f_e, P_e over every process's real tokens. f is a count (no gradient),
+    so L = E sum_e f_e (sum over all tokens of p_te) / N: its gradient is the sum over processes of
+    the gradients of E sum_e f_e (local sum of p_te) / N, which is what each process returns times
+    `world` (DDP divides by it). In one process this is aux["balance_loss"] exactly.
+    """
+    n_local = aux["mask"].sum().float()
+    if aux["router_prob"].numel() <= 1:                                            # dense: no router
+        return aux["router_prob"].sum() * 0.0
+    counts = global_sum(aux["expert_load"].detach() * n_local, ctx)                # (E,) slots / k
+    n_all = global_sum(n_local, ctx)
+    f = counts / n_all                                                             # (E,) sums to 1
+    E = f.numel()
+    return E * (f * aux["router_prob"] * n_local).sum() / n_all * ctx.world
+
+
+class AdapterData:
+    """Questions of one split as token ids, with the cached features of their clips."""
+
+    def __init__(self, items, feats, fmask, tok, style, domains):
+        self.items = items
+        self.clip = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        self.feats, self.fmask, self.domains = feats, fmask, domains
+        self.prompts = [tok.encode(prompt_text(it, style)) for it in items]
+        self.answers = [tok.encode(it["answer"]) for it in items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def batch(self, idx, device):
+        j = self.clip[idx]
+        return (self.feats[j].to(device), self.fmask[j].to(device), [self.prompts[i] for i in idx.tolist()],
+                [self.answers[i] for i in idx.tolist()])
+
+
+def run_name(kind: str, seed: int) -> str:
+    return f"{kind}-s{seed}"
+
+
+def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx, resume: bool) -> dict:
+    """Train one adapter (plus LoRA if asked) on the frozen encoder features and the frozen LLM."""
+    run_dir = os.path.join(cfg.out_dir, run_name(kind, seed))
+    done_path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            summary = json.load(f)
+        if summary["config"] != asdict(cfg) | dict(adapter=kind, seed=seed):
+            keys = [k for k in summary["config"] if summary["config"][k] != (asdict(cfg) | dict(adapter=kind, seed=seed)).get(k)]
+            raise SystemExit(f"{run_dir} was trained with other settings ({', '.join(keys[:6])}); use "
+                             f"another --out_dir, or delete it to retrain")
+        if ctx.main:
+            print(f"adapter {run_name(kind, seed)}: finished earlier, reusing {run_dir}")
+        return summary
+    tok, llm_model = parts["tok"], parts["llm"]
+    torch.manual_seed(seed)
+    acfg = cfg.adapter_config(parts["d_in"], llm_model.cfg.d_model)
+    adapter = build_adapter(kind, acfg).to(ctx.device)
+    if cfg.lora_rank:
+        lm.add_lora(llm_model, rank=cfg.lora_rank)
+        lm.mark_trainable(llm_model, lora=True)
+        llm_model.to(ctx.device)
+    model = AudioLLM(adapter, llm_model)
+    train, valid = parts["train"], parts["valid"]
+
+    def trained_state():
+        sd = dict(adapter=adapter.state_dict())
+        if cfg.lora_rank:
+            sd["lora"] = {k: v for k, v in llm_model.state_dict().items() if "lora_" in k}
+        return sd
+
+    def load_trained(sd):
+        adapter.load_state_dict(sd["adapter"])
+        if cfg.lora_rank:
+            llm_model.load_state_dict(sd["lora"], strict=False)
+
+    step_model = torch.compile(model) if cfg.compile else model
+
+    def step_loss(m, step, idx):
+        feats, fmask, prompts, answers = train.batch(idx, ctx.device)
+        with ctx.autocast():
+            logits, labels, aux, _ = m(feats, fmask, prompts, answers)
+        ce, n = token_ce(logits, labels)
+        n_all = global_sum(n, ctx)
+        task = ce * ctx.world / n_all
+        bal = balance_loss(aux, ctx)
+        z = aux["z_loss"] * aux["mask"].sum() / global_sum(aux["mask"].sum().float(), ctx) * ctx.world
+        loss = task + acfg.balance_weight * bal + acfg.z_weight * z
+        logged = dict(ce=float(global_sum(ce.detach(), ctx) / n_all))
+        if kind == "moe":
+            logged.update(balance=float(bal.detach()) / ctx.world,
+                          max_load=float(global_sum(aux["expert_load"] * aux["mask"].sum(), ctx).max()
+                                         / global_sum(aux["mask"].sum().float(), ctx)))
+        return loss, logged
+
+    g = torch.Generator().manual_seed(12345)
+    valid_idx = torch.randperm(len(valid), generator=g)[:cfg.valid_items]
+
+    @torch.no_grad()
+    def validate():
+        model.eval()
+        tot, cnt = 0.0, 0.0
+        for i in range(0, len(valid_idx), 128):
+            feats, fmask, prompts, answers = valid.batch(valid_idx[i:i + 128], ctx.device)
+            with ctx.autocast():
+                logits, labels, _, _ = model(feats, fmask, prompts, answers)
+            ce, n = token_ce(logits, labels)
+            tot, cnt = tot + float(ce), cnt + float(n)
+        return tot / cnt
+
+    n_params = count_params(adapter)
+    if ctx.main:
+        print(f"adapter {run_name(kind, seed)}: {n_params['total']:,} params, {n_params['active']:,} active, "
+              f"{n_params['flops_per_token'] / 1e6:.3f} MFLOPs/token"
+              + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
+    s = Schedule(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.decay_frac, cfg.weight_decay, cfg.grad_clip)
+    snaps = sorted({round(cfg.steps * i / max(cfg.snapshots - 1, 1)) for i in range(cfg.snapshots)}) \
+        if cfg.snapshots > 0 else []
+    tokens = (train.fmask.sum(1).float().mean().item() / cfg.stack) + 12
+    summary = fit(f"{kind} s{seed}", step_model, step_loss, s, ctx, run_dir, resume, seed, len(train),
+                  state=trained_state, load_state=load_trained, validate=validate, eval_every=cfg.eval_every,
+                  log_every=cfg.log_every, snapshot_steps=snaps, snapshot=trained_state, tokens_per_item=tokens)
+    summary.update(kind=kind, seed=seed, params=n_params, adapter_config=asdict(acfg),
+                   config=asdict(cfg) | dict(adapter=kind, seed=seed),
+                   ms_per_step=1e3 * summary["seconds"] / cfg.steps)
+    if ctx.main:
+        write_json(summary, done_path)
+    barrier(ctx)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Putting the stages together
+
+
+def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", "features")) -> dict:
+    """Everything an adapter run (or eval.py) needs: items, frozen parts, cached features."""
+    srcs = sources(cfg)
+    items = instruction_items(cfg, srcs)
+    choices = task_choices(items["train"] + items["valid"] + items["test"])
+    parts = dict(items=items, choices=choices)
+    if ctx.main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
+    t0 = time.perf_counter()
+    mels = mel_cache(cfg, srcs, ctx) if cfg.cache_features else None
+    if mels is None:
+        raise SystemExit("cache_features=False (the live-encoder path) is not implemented yet: the "
+                         "adapter stage reads the cached encoder features")
+    parts["domains"] = {s: m["domain"] for s, m in mels.items()}
+    if "encoder" in stages:
+        encoder = stage_encoder(cfg, mels, ctx, resume)
+        parts["encoder"] = encoder
+        parts["d_in"] = encoder.cfg.d
+    if "llm" in stages:
+        parts["tok"], parts["llm"] = stage_llm(cfg, choices, ctx, resume)
+    if "features" in stages:
+        feats = feature_cache(cfg, parts["encoder"], mels, ctx)
+        for split, (x, m) in feats.items():
+            parts[split] = AdapterData(items[split], x, m, parts["tok"], cfg.prompt, parts["domains"][split])
+    parts["prepare_seconds"] = time.perf_counter() - t0
+    return parts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    command, cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
+    ctx = make_ctx(cfg)
+    t0 = time.perf_counter()
+    if ctx.main:
+        print(f"train.py {command}: device {ctx.device}, {ctx.world} process(es), torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, out_dir {cfg.out_dir}")
+    stages = {"encoder": ("encoder",), "llm": ("llm",)}.get(command, ("encoder", "llm", "features"))
+    parts = prepare(cfg, ctx, resume, stages)
+    if command == "adapter":
+        stage_adapter(cfg, cfg.adapter, cfg.seed, parts, ctx, resume)
+    elif command == "all":
+        runs = [(k, s) for k in cfg.adapters.split(",") for s in range(cfg.seeds)]
+        for kind, seed in runs:
+            stage_adapter(cfg, kind, seed, parts, ctx, resume)
+        if ctx.main and cfg.evaluate:
+            import eval as evaluation
+            dirs = [os.path.join(cfg.out_dir, run_name(k, s)) for k, s in runs]
+            for d in dirs:
+                evaluation.evaluate_run(d, parts=parts, ctx=ctx)
+            evaluation.compare(cfg.out_dir, dirs)
+    if ctx.main:
+        print(f"train.py {command}: {time.perf_counter() - t0:.0f} s wall")
+    if ctx.world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
