@@ -105,10 +105,10 @@ class TrainConfig:
     llm_heads: int = 4
     llm_kv_heads: int = 2
     llm_ff: int = 352
-    llm_steps: int = 1200
+    llm_steps: int = 500
     llm_batch: int = 64
     llm_lr: float = 2e-3
-    max_facts: int = 4              # facts stated before the question (1 .. max_facts)
+    max_facts: int = 6              # facts stated before the question (1 .. max_facts)
     # 3. adapter (moe_adapter.MoEAdapterConfig fields) and its training
     stack: int = 4
     n_experts: int = 8
@@ -119,14 +119,14 @@ class TrainConfig:
     balance_weight: float = 1e-2
     z_weight: float = 0.0
     lora_rank: int = 0              # > 0: LoRA on the LLM's projections, trained with the adapter
-    steps: int = 800
+    steps: int = 1500
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 20                # warm-up-stable-decay, as the paper trains
     decay_frac: float = 0.2
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_every: int = 100           # validation loss (and best.pt) every this many steps
+    eval_every: int = 250           # validation loss (and best.pt) every this many steps
     valid_items: int = 512          # validation questions used for it
     log_every: int = 50
     snapshots: int = 4              # adapter snapshots kept for the gradient-conflict analysis
@@ -645,7 +645,13 @@ def feature_cache(cfg: TrainConfig, encoder, mels: dict, ctx: Ctx) -> dict:
 
 
 def fact(task: str, value: str) -> str:
-    return f"the {data.TASKS[task].label.replace('_', ' ')} is {value}."
+    """A fact is its value alone ("happy", "yes"): answer sets rarely share words, so the LLM
+    learns to answer with the context word that belongs to the asked task's answer set.
+    Deviation from a richer caption ("the emotion is happy."), chosen on validation loss: with
+    sentences the frozen LLM's reading circuit keyed on the label words, which the adapter's
+    audio tokens had no gradient path to imitate, and no adapter learned from the audio at all
+    (chance-level validation loss after 400 steps)."""
+    return value
 
 
 def text_document(rng: np.random.Generator, choices: Dict[str, List[str]], style: str, max_facts: int):
@@ -658,7 +664,7 @@ def text_document(rng: np.random.Generator, choices: Dict[str, List[str]], style
     asked = told[int(rng.integers(n))]
     q = data.TASKS[asked].questions[int(rng.integers(len(data.TASKS[asked].questions)))]
     item = dict(question=q, prompt=f"{q} Answer with one of: {', '.join(choices[asked])}.")
-    return " ".join(fact(t, values[t]) for t in told) + " " + prompt_text(item, style), values[asked]
+    return " ".join(fact(t, values[t]) for t in told) + ". " + prompt_text(item, style), values[asked]
 
 
 def build_tokenizer(choices: Dict[str, List[str]]) -> lm.WordTokenizer:
@@ -676,10 +682,15 @@ def llm_config(cfg: TrainConfig, tok) -> lm.LLMConfig:
 
 
 def text_batch(tok, lcfg: lm.LLMConfig, texts, answers, device):
-    """Whole-text next-token batch: [BOS] context answer EOS, loss on every real token."""
+    """[BOS] context answer EOS, with the loss on the answer and its EOS only.
+
+    Deviation from plain language-model pre-training: the facts are random, so their tokens carry
+    no learnable signal, and with the loss on every token the tiny LLM plateaued at reading the
+    right fact about half the time (0.48 held-out accuracy after 1200 steps). The loss on the
+    answer alone (instruction-tuning style) teaches the skill the audio stage relies on."""
     b = lm.build_batch([tok.encode(t) for t in texts], [tok.encode(a) for a in answers], cfg=lcfg,
                        device=device)
-    return b["input_ids"], b["attention_mask"], b["input_ids"].masked_fill(~b["attention_mask"], IGNORE_INDEX)
+    return b["input_ids"], b["attention_mask"], b["labels"]
 
 
 @torch.no_grad()

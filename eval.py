@@ -1,0 +1,405 @@
+"""Evaluate train.py's adapter runs and compare them: the MoE-Adapter paper's results and analyses
+(Lei et al., arXiv 2601.02967) at the scale the runs were trained at.
+
+    python eval.py runs/tiny                  # evaluate every run in the folder, print the comparison
+    python eval.py runs/tiny/moe-s0           # one run: accuracy, expert use, gradient conflict
+    python eval.py runs/tiny --force          # evaluate again even where eval.json exists
+
+Per run (eval.json in the run folder), on the model with the lowest validation loss (best.pt):
+- Accuracy per task on the held-out test split, two ways: greedy decoding, exact match of the
+  answer text (the paper's protocol), and closed-set scoring, the choice whose answer tokens + EOS
+  the model finds most likely. Grouped into semantic and paralinguistic (macro average of tasks).
+- Expert specialisation (the paper's Fig. 3): share of each domain's and each task's audio
+  token-slots routed to each expert, on the test clips; a heatmap PNG when matplotlib is installed.
+- Gradient conflict (the paper's Figs. 4-5): for each task (and each audio domain), the gradient of
+  the answer loss on a fixed batch of training questions with respect to the adapter's parameters;
+  the pairwise cosine similarities, their mean, and the share of pairs that conflict (cosine < 0),
+  at each saved snapshot of the run.
+The comparison (comparison.md / .json in the output folder) is mean +/- std over seeds per adapter;
+training curves are plotted when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import llm as lm
+import train
+from moe_adapter import build_adapter
+
+GROUPS = ("semantic", "paralinguistic")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_parts(out_dir: str, ctx: Optional[train.Ctx] = None) -> dict:
+    """The frozen encoder, LLM and cached features of an output folder (nothing is retrained)."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{out_dir}: no config.json; expected a folder written by train.py")
+    with open(path) as f:
+        cfg = train.TrainConfig(**json.load(f))
+    ctx = ctx or train.make_ctx(cfg)
+    return train.prepare(cfg, ctx, resume=False)
+
+
+def load_model(run_dir: str, parts: dict, which: str = "best.pt") -> train.AudioLLM:
+    """The run's adapter (and LoRA) from `which` (best.pt, last.pt or snapshots/stepN.pt)."""
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    from moe_adapter import MoEAdapterConfig
+    adapter = build_adapter(summary["kind"], MoEAdapterConfig(**summary["adapter_config"]))
+    llm_model = parts["llm"]
+    state = train.load(os.path.join(run_dir, which))
+    state = state.get("model", state)                          # last.pt wraps it with the optimiser
+    adapter.load_state_dict(state["adapter"])
+    if "lora" in state:
+        if not any(isinstance(m, lm.LoRALinear) for m in llm_model.modules()):
+            lm.add_lora(llm_model, rank=summary["config"]["lora_rank"])
+        llm_model.load_state_dict(state["lora"], strict=False)
+    device = next(llm_model.parameters()).device
+    return train.AudioLLM(adapter.to(device), llm_model).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy
+
+
+@torch.no_grad()
+def closed_set(model: train.AudioLLM, d: train.AdapterData, tok, ctx, batch: int = 64) -> List[int]:
+    """Index of the most likely choice per question: sum of log p(answer tokens, EOS | audio, prompt)."""
+    preds = []
+    choice_ids = {}
+    for i0 in range(0, len(d), batch):
+        idx = torch.arange(i0, min(i0 + batch, len(d)))
+        feats, fmask, prompts, _ = d.batch(idx, ctx.device)
+        rows, owner = [], []
+        for b, i in enumerate(idx.tolist()):
+            ch = d.items[i]["choices"]
+            key = tuple(ch)
+            if key not in choice_ids:
+                choice_ids[key] = [tok.encode(c) for c in ch]
+            rows += [(prompts[b], a) for a in choice_ids[key]]
+            owner += [b] * len(ch)
+        owner = torch.tensor(owner, device=ctx.device)
+        with ctx.autocast():
+            logits, labels, _, _ = model(feats[owner], fmask[owner], [r[0] for r in rows], [r[1] for r in rows])
+        logp = logits[:, :-1].float().log_softmax(-1)                               # (R, N-1, V)
+        target = labels[:, 1:]
+        keep = target != train.IGNORE_INDEX
+        tok_lp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * keep    # (R, N-1)
+        score = tok_lp.sum(1).cpu()                                                 # (R,)
+        start = 0
+        for b, i in enumerate(idx.tolist()):
+            n = len(d.items[i]["choices"])
+            preds.append(int(score[start:start + n].argmax()))
+            start += n
+    return preds
+
+
+@torch.no_grad()
+def greedy(model: train.AudioLLM, d: train.AdapterData, tok, ctx, batch: int = 128) -> List[str]:
+    """Greedy answers (KV-cached decoding), as text."""
+    max_new = max(len(a) for a in d.answers) + 2
+    out = []
+    for i0 in range(0, len(d), batch):
+        idx = torch.arange(i0, min(i0 + batch, len(d)))
+        feats, fmask, prompts, _ = d.batch(idx, ctx.device)
+        with ctx.autocast():
+            y, aux = model.adapter(feats, fmask)
+            b = lm.build_batch(prompts, None, aux["mask"].sum(1).tolist(), cfg=model.llm.cfg,
+                               padding_side="left", device=ctx.device)
+            new = model.llm.generate(b["input_ids"], b["attention_mask"], audio_embeds=y,
+                                     audio_mask=aux["mask"], max_new_tokens=max_new)
+        out += [tok.decode(row.tolist()) for row in new]
+    return out
+
+
+def accuracy(items: List[dict], closed: List[int], answers: List[str], tok) -> dict:
+    """Per-task closed-set and exact-match accuracy; per-group and overall macro averages."""
+    per = {}
+    for it, c, a in zip(items, closed, answers):
+        r = per.setdefault(it["task"], dict(group=it["group"], n=0, closed=0, exact=0))
+        r["n"] += 1
+        r["closed"] += int(c == it["answer_index"])
+        r["exact"] += int(a == tok.decode(tok.encode(it["answer"])))
+    for r in per.values():
+        r["closed"] /= r["n"]
+        r["exact"] /= r["n"]
+    out = dict(tasks=per)
+    for g in GROUPS + ("all",):
+        rows = [r for r in per.values() if g in ("all", r["group"])]
+        for m in ("closed", "exact"):
+            out[f"{g}_{m}"] = statistics.mean(r[m] for r in rows) if rows else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert specialisation
+
+
+@torch.no_grad()
+def expert_usage(model: train.AudioLLM, d: train.AdapterData, ctx, batch: int = 256) -> Optional[dict]:
+    """{"domain": {name: (E,) shares}, "task": {name: (E,) shares}}: of the audio token-slots of
+    each domain's test clips (each task's questions), the share routed to each expert. None for a
+    dense adapter (one expert by construction)."""
+    cfg = getattr(model.adapter, "cfg", None)
+    if cfg is None or not cfg.n_experts:
+        return None
+    E = cfg.n_experts
+    clips = sorted(set(d.clip.tolist()))
+    per_clip = {}
+    for i0 in range(0, len(clips), batch):
+        j = torch.tensor(clips[i0:i0 + batch])
+        with ctx.autocast():
+            _, aux = model.adapter(d.feats[j].to(ctx.device), d.fmask[j].to(ctx.device))
+        index = aux["expert_index"].cpu()                                           # (B, N_a, k)
+        for b, jj in enumerate(j.tolist()):
+            sel = index[b][index[b] >= 0]
+            per_clip[jj] = torch.bincount(sel, minlength=E).double()                # (E,) slot counts
+    by_domain, by_task = {}, {}
+    for jj, counts in per_clip.items():
+        dom = d.domains[jj]
+        by_domain[dom] = by_domain.get(dom, 0) + counts
+    for it in d.items:
+        by_task[it["task"]] = by_task.get(it["task"], 0) + per_clip[it["index"]]
+    share = lambda table: {k: (v / v.sum()).tolist() for k, v in sorted(table.items())}
+    return dict(domain=share(by_domain), task=share(by_task))
+
+
+def heatmap(usage: dict, path: str, title: str) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[1, 2]))
+    for ax, key in zip(axes, ("domain", "task")):
+        names = list(usage[key])
+        m = torch.tensor([usage[key][n] for n in names])
+        im = ax.imshow(m, cmap="viridis", vmin=0, aspect="auto")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xticks(range(m.shape[1]), [f"e{e}" for e in range(m.shape[1])])
+        ax.set_title(f"share of {key} token-slots per expert")
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient conflict
+
+
+def group_gradients(model: train.AudioLLM, d: train.AdapterData, groups: Dict[str, List[int]], ctx) -> Dict[str, torch.Tensor]:
+    """Flattened gradient of each group's mean answer loss w.r.t. the adapter's parameters."""
+    params = [p for p in model.adapter.parameters()]
+    grads = {}
+    for name, idx in groups.items():
+        feats, fmask, prompts, answers = d.batch(torch.tensor(idx), ctx.device)
+        with torch.enable_grad(), ctx.autocast():
+            for p in params:
+                p.requires_grad_(True)
+            logits, labels, _, _ = model(feats, fmask, prompts, answers)
+            ce, n = train.token_ce(logits, labels)
+            g = torch.autograd.grad(ce / n, params, allow_unused=True)
+        grads[name] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1).float()
+                                 for gi, p in zip(g, params)])
+    return grads
+
+
+def cosine_table(grads: Dict[str, torch.Tensor]) -> dict:
+    """Pairwise cosines, their mean and the share of conflicting (negative) pairs."""
+    pairs = {}
+    for a, b in itertools.combinations(sorted(grads), 2):
+        pairs[f"{a}|{b}"] = float(F.cosine_similarity(grads[a], grads[b], dim=0))
+    vals = list(pairs.values())
+    return dict(pairs=pairs, mean=statistics.mean(vals) if vals else math.nan,
+                conflict=sum(v < 0 for v in vals) / len(vals) if vals else math.nan)
+
+
+def fixed_groups(d: train.AdapterData, key: str, n: int, seed: int = 0) -> Dict[str, List[int]]:
+    """The first n questions of each task (key="task") or clip domain (key="domain") in a fixed
+    shuffled order of the split: the same batches for every run and snapshot."""
+    order = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed)).tolist()
+    out: Dict[str, List[int]] = {}
+    for i in order:
+        name = d.items[i]["task"] if key == "task" else d.domains[d.items[i]["index"]]
+        if len(out.setdefault(name, [])) < n:
+            out[name].append(i)
+    return {k: v for k, v in out.items() if len(v) >= max(2, n // 4)}
+
+
+def gradient_conflict(run_dir: str, parts: dict, ctx, n: int = 64) -> dict:
+    """Cosine tables by task and by domain at every snapshot of the run (step0 = initialisation)."""
+    d = parts["train"]
+    groups = {key: fixed_groups(d, key, n) for key in ("task", "domain")}
+    snaps = sorted((int(f[4:-3]), f) for f in os.listdir(os.path.join(run_dir, "snapshots")) if f.endswith(".pt"))
+    out = {}
+    for step, f in snaps:
+        model = load_model(run_dir, parts, os.path.join("snapshots", f))
+        out[step] = {key: cosine_table(group_gradients(model, d, g, ctx)) for key, g in groups.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One run, and the comparison
+
+
+def evaluate_run(run_dir: str, parts: Optional[dict] = None, ctx=None, force: bool = True) -> dict:
+    """Score one run and write eval.json (and expert_usage.png for an MoE) into its folder."""
+    path = os.path.join(run_dir, "eval.json")
+    if not force and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if not os.path.exists(os.path.join(run_dir, "summary.json")):
+        raise SystemExit(f"{run_dir}: no summary.json; the run has not finished (train.py --resume)")
+    parts = parts or load_parts(os.path.dirname(os.path.abspath(run_dir)), ctx)
+    ctx = ctx or train.make_ctx(train.TrainConfig(device="auto"))
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    model = load_model(run_dir, parts)
+    test, tok = parts["test"], parts["tok"]
+    result = dict(kind=summary["kind"], seed=summary["seed"], params=summary["params"],
+                  ms_per_step=summary["ms_per_step"], train_seconds=summary["seconds"],
+                  best_step=summary["best_step"], best_valid=summary["best_valid"])
+    result.update(accuracy(test.items, closed_set(model, test, tok, ctx), greedy(model, test, tok, ctx), tok))
+    usage = expert_usage(model, test, ctx)
+    result["expert_usage"] = usage
+    if usage is not None:
+        heatmap(usage, os.path.join(run_dir, "expert_usage.png"), f"{os.path.basename(run_dir)}: test clips")
+    result["gradient_conflict"] = gradient_conflict(run_dir, parts, ctx)
+    train.write_json(result, path)
+    final = result["gradient_conflict"][max(result["gradient_conflict"])]
+    print(f"eval {os.path.basename(run_dir)}: semantic {result['semantic_closed']:.3f} paralinguistic "
+          f"{result['paralinguistic_closed']:.3f} (closed set), exact match {result['all_exact']:.3f}; "
+          f"task-gradient cosine {final['task']['mean']:+.3f}, conflicting pairs {final['task']['conflict']:.2f}")
+    return result
+
+
+def mean_std(vals: Sequence[float], fmt: str = "{:.3f}") -> str:
+    vals = [v for v in vals if v == v]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+
+
+def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None) -> str:
+    """One Markdown table of mean ± std over seeds per adapter kind (comparison.md / .json)."""
+    if run_dirs is None:
+        run_dirs = sorted(os.path.join(out_dir, r) for r in os.listdir(out_dir)
+                          if os.path.exists(os.path.join(out_dir, r, "eval.json")))
+    results = []
+    for r in run_dirs:
+        with open(os.path.join(r, "eval.json")) as f:
+            results.append(json.load(f))
+    if not results:
+        raise SystemExit(f"{out_dir}: no evaluated run (eval.json) to compare")
+    kinds = list(dict.fromkeys(r["kind"] for r in results))
+    by_kind = {k: [r for r in results if r["kind"] == k] for k in kinds}
+    final_gc = lambda r: r["gradient_conflict"][max(r["gradient_conflict"], key=int)]
+    lines = ["| adapter | seeds | params (total / active) | MFLOPs/token | semantic | paralinguistic | all "
+             "| exact match | task-grad cosine | conflicting task pairs | domain-grad cosine | ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = {}
+    for k, rs in by_kind.items():
+        p = rs[0]["params"]
+        row = dict(seeds=[r["seed"] for r in rs], params=p)
+        for key in ("semantic_closed", "paralinguistic_closed", "all_closed", "all_exact", "ms_per_step"):
+            row[key] = [r[key] for r in rs]
+        row["task_cos"] = [final_gc(r)["task"]["mean"] for r in rs]
+        row["task_conflict"] = [final_gc(r)["task"]["conflict"] for r in rs]
+        row["domain_cos"] = [final_gc(r)["domain"]["mean"] for r in rs]
+        table[k] = row
+        lines.append(f"| {k} | {len(rs)} | {p['total']:,} / {p['active']:,} | {p['flops_per_token'] / 1e6:.3f} "
+                     f"| {mean_std(row['semantic_closed'])} | {mean_std(row['paralinguistic_closed'])} "
+                     f"| {mean_std(row['all_closed'])} | {mean_std(row['all_exact'])} "
+                     f"| {mean_std(row['task_cos'], '{:+.3f}')} | {mean_std(row['task_conflict'], '{:.2f}')} "
+                     f"| {mean_std(row['domain_cos'], '{:+.3f}')} | {mean_std(row['ms_per_step'], '{:.1f}')} |")
+    tasks = sorted({t for r in results for t in r["tasks"]}, key=lambda t: (results[0]["tasks"].get(t, {}).get("group", ""), t))
+    lines += ["", "| task | group | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for t in tasks:
+        group = next(r["tasks"][t]["group"] for r in results if t in r["tasks"])
+        cells = [mean_std([r["tasks"][t]["closed"] for r in by_kind[k] if t in r["tasks"]]) for k in kinds]
+        lines.append(f"| {t} | {group} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print("\nTest accuracy (closed-set scoring, macro average over tasks), mean ± std over seeds; "
+          "gradient cosines at the last snapshot:\n\n" + text + "\n")
+    with open(os.path.join(out_dir, "comparison.md"), "w") as f:
+        f.write(text + "\n")
+    train.write_json(table, os.path.join(out_dir, "comparison.json"))
+    plot_curves(out_dir, run_dirs)
+    return text
+
+
+def plot_curves(out_dir: str, run_dirs: Sequence[str]) -> Optional[str]:
+    """Training loss and validation loss per run (curves.png), when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {}
+    for r in run_dirs:
+        kind = os.path.basename(r).rsplit("-s", 1)[0]
+        c = colours.setdefault(kind, f"C{len(colours)}")
+        with open(os.path.join(r, "metrics.jsonl")) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        axes[0].plot([x["step"] for x in recs], [x["ce"] for x in recs], c, alpha=0.5, lw=0.8,
+                     label=kind if kind not in [l.get_label() for l in axes[0].lines] else None)
+        v = [x for x in recs if "valid_loss" in x]
+        axes[1].plot([x["step"] for x in v], [x["valid_loss"] for x in v], c, marker=".",
+                     label=kind if kind not in [l.get_label() for l in axes[1].lines] else None)
+    for ax, t in zip(axes, ("training answer loss", "validation answer loss")):
+        ax.set_xlabel("step")
+        ax.set_title(t)
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    force = "--force" in argv
+    paths = [a for a in argv if a != "--force"]
+    bad = [a for a in paths if a.startswith("-")]
+    if bad or not paths:
+        raise SystemExit(f"usage: python eval.py OUT_DIR | RUN_DIR [...] [--force]" + (f"; unknown option {bad[0]}" if bad else ""))
+    for p in paths:
+        if not os.path.isdir(p):
+            raise SystemExit(f"{p}: no such folder")
+        if os.path.exists(os.path.join(p, "summary.json")):                          # one run
+            evaluate_run(p, force=True)
+            continue
+        runs = sorted(os.path.join(p, r) for r in os.listdir(p) if os.path.exists(os.path.join(p, r, "summary.json")))
+        if not runs:
+            raise SystemExit(f"{p}: no finished run (a folder with summary.json) inside")
+        parts = load_parts(p)
+        ctx = train.make_ctx(train.TrainConfig(device="cpu" if parts["llm"].embed_tokens.weight.device.type == "cpu" else "cuda"))
+        for r in runs:
+            evaluate_run(r, parts=parts, ctx=ctx, force=force)
+        compare(p, runs)
+
+
+if __name__ == "__main__":
+    main()
