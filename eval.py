@@ -296,7 +296,7 @@ def mean_std(vals: Sequence[float], fmt: str = "{:.3f}") -> str:
         return "–"
     if len(vals) == 1:
         return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
 def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None) -> str:

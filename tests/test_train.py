@@ -1,32 +1,179 @@
-"""train.py (the demo for now): runs end to end at a microscopic size; the CLI is strict."""
+"""train.py: the whole pipeline at a microscopic size, data parallelism against one process,
+resume against an uninterrupted run, the schedule, the data order, the CLI."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
 import pytest
+import torch
 
+import data
 import train
+from conftest import MICRO, ROOT
+from moe_adapter import MoEAdapter, MoEAdapterConfig, load_balancing_loss
 
 
-def test_demo_runs_and_prints_the_table(capsys):
-    train.main(["--steps=3", "--seeds=2", "--batch=4", "--eval_sequences=8", "--log_every=3"])
-    out = capsys.readouterr().out
-    for kind in ("moe", "dense-params", "dense-flops"):
-        assert f"| {kind} |" in out
+def test_whole_pipeline_prints_the_comparison_and_reuses_finished_stages(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(["all", f"--out_dir={out}", "--seeds=2", *MICRO])
+    text = capsys.readouterr().out
+    for kind in ("moe", "dense-flops", "dense-params"):
+        assert f"| {kind} | 2 |" in text
+        for seed in (0, 1):
+            run = os.path.join(out, f"{kind}-s{seed}")
+            for f in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "eval.json",
+                      "snapshots/step0.pt", "snapshots/step6.pt"):
+                assert os.path.exists(os.path.join(run, f)), f
+    for f in ("mel.pt", "features.pt", "encoder/encoder.pt", "llm/llm.pt", "comparison.md", "comparison.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert "params" in text and "active" in text and "MFLOPs/token" in text
+    table = json.load(open(os.path.join(out, "comparison.json")))
+    assert table["moe"]["seeds"] == [0, 1] and len(table["moe"]["all_closed"]) == 2
+    # A second call reuses every finished stage; other settings in the same folder are refused.
+    train.main(["all", f"--out_dir={out}", "--seeds=2", "--evaluate=false", *MICRO])
+    assert "finished earlier, reusing" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings"):
+        train.main(["adapter", f"--out_dir={out}", *MICRO, "--llm_steps=7"])
+
+
+def _tensors(path, key):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = ck.get(key, ck) if key else ck
+    return ck
+
+
+def test_two_processes_match_one_process_of_the_same_global_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo): every stage ends with the weights of a single process."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train.main(["adapter", f"--out_dir={one}", *MICRO])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "adapter", f"--out_dir={two}", *MICRO]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout
+    for rel, key in (("encoder/encoder.pt", "model"), ("llm/llm.pt", "model")):
+        a, b = _tensors(os.path.join(one, rel), key), _tensors(os.path.join(two, rel), key)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{rel} {k}")
+    a = _tensors(os.path.join(one, "moe-s0", "last.pt"), "model")["adapter"]
+    b = _tensors(os.path.join(two, "moe-s0", "last.pt"), "model")["adapter"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not torch.equal(a["router.weight"], MoEAdapter(MoEAdapterConfig(
+        d_in=16, d_out=32, d_expert=8, d_shared=16)).router.weight)   # it did train
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    train.main(["adapter", f"--out_dir={full}", *MICRO])
+    os.makedirs(cut)
+    for f in ("mel.pt", "config.json"):
+        shutil.copy(os.path.join(full, f), cut)
+    for d in ("encoder", "llm"):
+        shutil.copytree(os.path.join(full, d), os.path.join(cut, d))
+    real_lr_at = train.lr_at
+
+    def crash_at_4(step, s):
+        if step == 4 and s.steps == 6 and s.batch == 8:
+            raise KeyboardInterrupt("simulated crash")
+        return real_lr_at(step, s)
+    monkeypatch.setattr(train, "lr_at", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["adapter", f"--out_dir={cut}", *MICRO])
+    assert _tensors(os.path.join(cut, "moe-s0", "last.pt"), None)["step"] == 3     # the last checkpoint
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    train.main(["adapter", "--resume", f"--out_dir={cut}", *MICRO])
+    a = _tensors(os.path.join(full, "moe-s0", "last.pt"), "model")["adapter"]
+    b = _tensors(os.path.join(cut, "moe-s0", "last.pt"), "model")["adapter"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_lr_schedule_warmup_stable_decay_by_hand():
-    cfg = train.DemoConfig(steps=100, warmup=10, decay_frac=0.2, lr=1.0)
-    assert train.lr_at(0, cfg) == pytest.approx(0.1)            # (0 + 1) / 10
-    assert train.lr_at(9, cfg) == pytest.approx(1.0)
-    assert train.lr_at(50, cfg) == 1.0
-    assert train.lr_at(80, cfg) == pytest.approx(1.0)           # decay starts at step 80
-    assert train.lr_at(90, cfg) == pytest.approx(0.5)
-    assert train.lr_at(99, cfg) == pytest.approx(0.05)
+    s = train.Schedule(steps=100, batch=1, lr=1.0, warmup=10, decay_frac=0.2)
+    assert train.lr_at(0, s) == pytest.approx(0.1)            # (0 + 1) / 10
+    assert train.lr_at(9, s) == pytest.approx(1.0)
+    assert train.lr_at(50, s) == 1.0
+    assert train.lr_at(80, s) == pytest.approx(1.0)           # decay starts at step 80
+    assert train.lr_at(90, s) == pytest.approx(0.5)
+    assert train.lr_at(99, s) == pytest.approx(0.05)
+
+
+def test_batch_order_epochs_are_permutations_and_ranks_split_the_global_batch():
+    one = train.Ctx(torch.device("cpu"))
+    n, G = 20, 4
+    epoch = torch.cat([train.batch_indices(s, n, G, 0, one) for s in range(5)])
+    assert sorted(epoch.tolist()) == list(range(n))                     # each item once per epoch
+    nxt = torch.cat([train.batch_indices(s, n, G, 0, one) for s in range(5, 10)])
+    assert sorted(nxt.tolist()) == list(range(n)) and not torch.equal(epoch, nxt)
+    for step in (0, 7):
+        ranks = [train.batch_indices(step, n, G, 0, train.Ctx(torch.device("cpu"), r, 2)) for r in (0, 1)]
+        assert torch.equal(torch.cat(ranks), train.batch_indices(step, n, G, 0, one))
+
+
+def test_global_balance_loss_in_one_process_is_eq4():
+    torch.manual_seed(1)
+    moe = MoEAdapter(MoEAdapterConfig(d_in=8, d_out=8, stack=2, n_experts=4, top_k=2, d_expert=8))
+    x, mask = torch.randn(3, 10, 8), torch.arange(10)[None, :] < torch.tensor([[10], [6], [4]])
+    _, aux = moe(x, mask)
+    h = moe.norm_in(torch.cat([x[b, :int(mask[b].sum())].reshape(-1, 16) for b in range(3)]))
+    probs = moe.router(h).softmax(-1)                                     # the 5 + 3 + 2 real tokens
+    ref = load_balancing_loss(probs, probs.topk(2, -1).indices)
+    got = train.balance_loss(aux, train.Ctx(torch.device("cpu")))
+    torch.testing.assert_close(got, ref)
+    g1 = torch.autograd.grad(got, moe.router.weight, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ref, moe.router.weight)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_text_documents_state_the_answer_before_the_question():
+    choices = {"word": ["yes", "no"], "emotion": ["happy", "sad", "angry"], "rate": ["slow", "fast"]}
+    for i in range(50):
+        ctx_text, answer = train.text_document(np.random.default_rng(i), choices, "question", 3)
+        facts, question = ctx_text.split(". ", 1)
+        asked = next(t for t, task in data.TASKS.items() if question in task.questions)
+        assert answer in choices[asked] and answer in facts.split()
+    again = train.text_document(np.random.default_rng(3), choices, "full", 3)
+    assert again == train.text_document(np.random.default_rng(3), choices, "full", 3)
+    assert "Answer with one of:" in again[0]
+
+
+def test_folder_per_class_data_is_split_by_file_name(tmp_path):
+    for c in ("dog", "rain"):
+        os.makedirs(tmp_path / c)
+        for i in range(30):
+            data.write_wav(str(tmp_path / c / f"{c}{i}.wav"), np.zeros(1600, np.float32))
+    srcs = train.real_sources(str(tmp_path), "event")
+    sizes = {s: len(src) for s, src in srcs.items()}
+    assert sum(sizes.values()) == 60 and sizes["train"] > sizes["valid"] > 0 and sizes["test"] > 0
+    names = {s: {os.path.basename(r.path) for r in src.records} for s, src in srcs.items()}
+    assert not names["train"] & names["test"]
+    items = train.instruction_items(train.TrainConfig(), srcs)
+    assert {it["task"] for it in items["train"]} == {"sound"} and items["test"][0]["choices"] == ["dog", "rain"]
+    with pytest.raises(SystemExit, match="names no task label"):
+        train.real_sources(str(tmp_path), "colour")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--stpes=3"], "did you mean --steps"),
     (["--steps=three"], "--steps takes a value of type int"),
-    (["steps=3"], "expected --key=value"),
+    (["steps=3"], "unknown command 'steps=3'"),
+    (["--config=huge"], "unknown config 'huge'"),
     (["--adapters=moe,sparse"], "unknown adapter 'sparse'"),
+    (["--prompt=long"], "prompt must be"),
 ])
 def test_cli_rejects_bad_options_by_name(argv, message):
     with pytest.raises(SystemExit, match=message):
         train.main(argv)
+
+
+def test_presets_resolve():
+    for name in train.PRESETS:
+        cmd, cfg, resume = train.parse_args(["adapter", "--config", name, "--resume", "--seed=2"])
+        assert cmd == "adapter" and resume and cfg.seed == 2
+    assert train.parse_args(["--config=paper"])[1].stack == 2

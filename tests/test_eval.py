@@ -1,0 +1,96 @@
+"""eval.py against independent references: closed-set scoring against one LLM call per choice,
+accuracy and cosine tables by hand, expert shares against a per-clip loop."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import eval as E
+import llm as lm
+import train
+
+
+@pytest.fixture(scope="module")
+def parts(micro_run):
+    return E.load_parts(micro_run)
+
+
+def test_closed_set_picks_the_choice_a_plain_llm_call_finds_most_likely(micro_run, parts):
+    model = E.load_model(os.path.join(micro_run, "moe-s0"), parts)
+    d, tok, ctx = parts["test"], parts["tok"], train.Ctx(torch.device("cpu"))
+    n = min(len(d), 24)
+    sub = train.AdapterData(d.items[:n], d.feats, d.fmask, tok, "question", d.domains)
+    got = E.closed_set(model, sub, tok, ctx, batch=7)
+    for i in range(n):
+        it = d.items[i]
+        x, m = d.feats[it["index"]][None], d.fmask[it["index"]][None]
+        with torch.no_grad():
+            y, aux = model.adapter(x, m)
+            nll = []
+            for c in it["choices"]:
+                b = lm.build_batch([sub.prompts[i]], [tok.encode(c)], aux["mask"].sum(1).tolist(), cfg=model.llm.cfg)
+                _, loss = model.llm(b["input_ids"], b["attention_mask"], audio_embeds=y, audio_mask=aux["mask"],
+                                    labels=b["labels"])
+                nll.append(loss.item() * int((b["labels"] != -100).sum()))   # mean -> sum over answer + EOS
+        assert got[i] == min(range(len(nll)), key=nll.__getitem__)
+
+
+def test_accuracy_by_hand():
+    class Tok:
+        encode = staticmethod(lambda s: s.split())
+        decode = staticmethod(lambda ids: " ".join(ids))
+    items = [dict(task="word", group="semantic", answer="yes", answer_index=0),
+             dict(task="word", group="semantic", answer="no", answer_index=1),
+             dict(task="rate", group="paralinguistic", answer="slow", answer_index=2)]
+    acc = E.accuracy(items, closed=[0, 0, 2], answers=["yes", "no", "fast"], tok=Tok())
+    assert acc["tasks"]["word"] == dict(group="semantic", n=2, closed=0.5, exact=1.0)
+    assert acc["semantic_closed"] == 0.5 and acc["paralinguistic_closed"] == 1.0
+    assert acc["all_closed"] == 0.75 and acc["all_exact"] == 0.5              # macro over tasks
+
+
+def test_cosine_table_by_hand():
+    t = E.cosine_table({"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 2.0]),
+                        "c": torch.tensor([-3.0, 0.0])})
+    assert t["pairs"] == pytest.approx({"a|b": 0.0, "a|c": -1.0, "b|c": 0.0})
+    assert t["mean"] == pytest.approx(-1 / 3) and t["conflict"] == pytest.approx(1 / 3)
+
+
+def test_expert_usage_matches_a_per_clip_loop(micro_run, parts):
+    model = E.load_model(os.path.join(micro_run, "moe-s0"), parts)
+    d = parts["test"]
+    usage = E.expert_usage(model, d, train.Ctx(torch.device("cpu")), batch=5)
+    E_ = model.adapter.cfg.n_experts
+    ref = {}
+    for j in sorted(set(d.clip.tolist())):
+        with torch.no_grad():
+            _, aux = model.adapter(d.feats[j][None], d.fmask[j][None])
+        idx = aux["expert_index"][aux["expert_index"] >= 0]
+        ref[d.domains[j]] = ref.get(d.domains[j], 0) + torch.bincount(idx, minlength=E_).double()
+    for dom, counts in ref.items():
+        torch.testing.assert_close(torch.tensor(usage["domain"][dom]), counts / counts.sum())
+    for shares in usage["task"].values():
+        assert math.isclose(sum(shares), 1.0, rel_tol=1e-9)
+
+
+def test_evaluate_run_writes_every_analysis(micro_run, parts):
+    run = os.path.join(micro_run, "moe-s0")
+    res = E.evaluate_run(run, parts=parts, ctx=train.Ctx(torch.device("cpu")))
+    saved = json.load(open(os.path.join(run, "eval.json")))
+    assert saved["kind"] == "moe" and set(saved["gradient_conflict"]) == {"0", "6"}
+    for step in res["gradient_conflict"].values():
+        for key in ("task", "domain"):
+            assert -1 <= step[key]["mean"] <= 1 and 0 <= step[key]["conflict"] <= 1
+    assert 0 <= res["semantic_closed"] <= 1 and set(res["expert_usage"]) == {"domain", "task"}
+    text = E.compare(micro_run, [run])
+    assert "| moe | 1 |" in text and os.path.exists(os.path.join(micro_run, "comparison.json"))
+
+
+def test_cli_names_bad_folders(tmp_path):
+    with pytest.raises(SystemExit, match="no such folder"):
+        E.main([str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="no finished run"):
+        E.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown option"):
+        E.main([str(tmp_path), "--fast"])
