@@ -183,6 +183,8 @@ class TrainConfig:
 
 
 PRESETS = ("tiny", "small", "paper")
+# Fields that say what to run and where, not what a run learns: a finished run is reused whatever they are.
+RUN_CONTROL = ("out_dir", "adapters", "seeds", "evaluate", "workers", "device", "compile")
 
 
 def parse_args(argv: Sequence[str]):
@@ -837,8 +839,9 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
     if os.path.exists(done_path):
         with open(done_path) as f:
             summary = json.load(f)
-        if summary["config"] != asdict(cfg) | dict(adapter=kind, seed=seed):
-            keys = [k for k in summary["config"] if summary["config"][k] != (asdict(cfg) | dict(adapter=kind, seed=seed)).get(k)]
+        want = asdict(cfg) | dict(adapter=kind, seed=seed)
+        keys = [k for k in want if k not in RUN_CONTROL and summary["config"].get(k) != want[k]]
+        if keys:
             raise SystemExit(f"{run_dir} was trained with other settings ({', '.join(keys[:6])}); use "
                              f"another --out_dir, or delete it to retrain")
         if ctx.main:
