@@ -384,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     paths = [a for a in argv if a != "--force"]
     bad = [a for a in paths if a.startswith("-")]
     if bad or not paths:
-        raise SystemExit(f"usage: python eval.py OUT_DIR | RUN_DIR [...] [--force]" + (f"; unknown option {bad[0]}" if bad else ""))
+        raise SystemExit("usage: python eval.py OUT_DIR | RUN_DIR [...] [--force]" + (f"; unknown option {bad[0]}" if bad else ""))
     for p in paths:
         if not os.path.isdir(p):
             raise SystemExit(f"{p}: no such folder")

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import zlib
@@ -376,7 +375,6 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
 
     bar = tqdm(range(start, s.steps), desc=name, disable=not ctx.main or not sys.stderr.isatty(), leave=False,
                dynamic_ncols=True, mininterval=1.0)
-    t_log = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
         lr = lr_at(step, s)
@@ -407,13 +405,11 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if done % log_every == 0 or done == s.steps or "valid_loss" in record:
-                dt = (time.perf_counter() - t_log) / max(log_every, 1)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in logged.items())
                 valid = f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
                 tqdm.write(f"{name} step {done:5d} | {shown} | lr {lr:.2e} grad {float(grad_norm):.2f} "
                            f"| {record['ms_per_step']:.0f} ms/step "
                            f"{s.batch * tokens_per_item / (elapsed / (done - start or 1)):,.0f} tok/s{valid}")
-                t_log = time.perf_counter()
             if done % max(eval_every or log_every, 1) == 0 or done == s.steps:
                 checkpoint(done)
     bar.close()
@@ -847,7 +843,7 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
         if ctx.main:
             print(f"adapter {run_name(kind, seed)}: finished earlier, reusing {run_dir}")
         return summary
-    tok, llm_model = parts["tok"], parts["llm"]
+    llm_model = parts["llm"]
     torch.manual_seed(seed)
     acfg = cfg.adapter_config(parts["d_in"], llm_model.cfg.d_model)
     adapter = build_adapter(kind, acfg).to(ctx.device)
