@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import llm as lm
+import soft_moa as sm
 import train
 from moe_adapter import build_adapter
 
@@ -376,6 +377,165 @@ def plot_curves(out_dir: str, run_dirs: Sequence[str]) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ==============================================================================================
+# Part 2: Soft-MoA fine-tuning of a frozen AST (Cappellazzo et al., arXiv 2402.00828)
+#
+# Per run (eval.json): test accuracy of best.pt (lowest validation loss), accuracy per class, and
+# for each mixture (block i, beside "attn" or "ffn"): the mean share of each class's tokens given
+# to each adapter (the paper's Fig. 3, expert usage per class) and each adapter's contribution,
+# the mean norm of its part of the mixture output over the test tokens (Fig. 2 right: are all
+# adapters used?). moa_compare writes the paper-like table (moa.md / moa.json, or ablation.md).
+
+
+@torch.no_grad()
+def evaluate_moa_run(run_dir: str, ast: dict, cache: dict, ctx, force: bool = True) -> dict:
+    path = os.path.join(run_dir, "eval.json")
+    if not force and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    c = s["config"]
+    roles = train.fold_split(cache["split"], s["seed"])
+    test = train.FbankData(cache, roles["test"], ast["mean"], ast["std"])
+    C = len(cache["classes"])
+    model, trainable = train.build_peft_model(ast, s["method"], C, cache["x"].shape[1], c["r"], c["n_experts"], c["slots"])
+    best = train.load(os.path.join(run_dir, "best.pt"))
+    if set(best) != set(trainable):
+        raise SystemExit(f"{run_dir}/best.pt does not hold the trainable parameters of {s['method']}")
+    model.load_state_dict(best, strict=False)
+    model.to(ctx.device).eval()
+    preds, usage, contrib, n_tok = [], {}, {}, 0.0
+    for i in range(0, len(test), 128):
+        x, mask, y = test.batch(torch.arange(i, min(i + 128, len(test))), ctx.device)
+        with ctx.autocast():
+            out = model(x, mask)
+        preds.append(out.logits.float().argmax(-1).cpu())
+        real = out.mask.float()                                                    # (b, m)
+        n_tok += float(real.sum())
+        for layer, infos in enumerate(out.adapter_info):
+            for key, info in infos.items():
+                if "expert_usage" not in info:                                     # single adapter
+                    continue
+                name = f"block{layer}.{key}"
+                usage.setdefault(name, []).append(sm.usage_per_sequence(info["expert_usage"].float(), out.mask).cpu())
+                contrib[name] = contrib.get(name, 0) + (info["expert_contribution"].float() * real[..., None]).sum((0, 1)).cpu()
+    pred, y = torch.cat(preds), test.y
+    hit = (pred == y).float()
+    per_class = {cls: float(hit[y == k].mean()) for k, cls in enumerate(cache["classes"]) if (y == k).any()}
+    result = dict(bench=s["bench"], method=s["method"], seed=s["seed"], r=c["r"], n_experts=c["n_experts"],
+                  slots=c["slots"], accuracy=float(hit.mean()), per_class=per_class, n_test=len(y),
+                  params=s["params"], head_params=s["head_params"], macs_per_token=s["macs_per_token"],
+                  ms_per_step=s["ms_per_step"], tokens=s["tokens"], classes=cache["classes"],
+                  usage_by_class={k: sm.expert_usage_by_class(torch.cat(v), y, C).tolist() for k, v in usage.items()},
+                  contribution={k: (v / n_tok).tolist() for k, v in contrib.items()})
+    train.write_json(result, path)
+    return result
+
+
+def contribution_shares(results: List[dict]) -> Dict[str, List[List[float]]]:
+    """{mixture: [per run: each adapter's share of the summed contributions]} over runs."""
+    out = {}
+    for r in results:
+        for name, v in r["contribution"].items():
+            t = torch.tensor(v)
+            out.setdefault(name, []).append((t / t.sum().clamp_min(1e-12)).tolist())
+    return out
+
+
+def usage_heatmaps(results: List[dict], path: str, title: str) -> Optional[str]:
+    """Expert usage per class at each run's last mixture, one panel per run (the paper's Fig. 3)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 0.16 * len(results[0]["classes"]) + 2.2),
+                             squeeze=False)
+    for ax, r in zip(axes[0], results):
+        last = sorted(r["usage_by_class"], key=lambda k: (int(k.split(".")[0][5:]), k))[-1]
+        m = torch.tensor(r["usage_by_class"][last])                                # (C, n)
+        im = ax.imshow(m, cmap="viridis", vmin=0, aspect="auto")
+        ax.set_yticks(range(len(r["classes"])), r["classes"], fontsize=5 if len(r["classes"]) > 20 else 8)
+        ax.set_xticks(range(m.shape[1]), [f"a{e}" for e in range(m.shape[1])])
+        ax.set_title(f"{r['method']} ({last})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -> str:
+    """The paper-like table: test accuracy mean ± std over seeds per method and benchmark, trainable
+    parameters, adapter MACs per token and ms per training step; then adapter contributions per
+    layer and usage heatmaps (moa.md / moa.json), or the ablation table (ablation.md / .json)."""
+    results = []
+    for r in run_dirs:
+        with open(os.path.join(r, "eval.json")) as f:
+            results.append(json.load(f))
+    if not results:
+        raise SystemExit(f"{out_dir}: no evaluated Soft-MoA run (eval.json) to compare")
+    benches = list(dict.fromkeys(r["bench"] for r in results))
+    key = (lambda r: (r["method"], r["n_experts"], r["r"], r["slots"])) if ablation else (lambda r: r["method"])
+    rows = list(dict.fromkeys(key(r) for r in results))
+    group = {k: [r for r in results if key(r) == k] for k in rows}
+    head = "| method | adapters n | r | slots p |" if ablation else "| method |"
+    lines = [head + "".join(f" {b} |" for b in benches) + " trainable params (no head) | adapter MACs/token | ms/step |",
+             "|---" * (head.count("|") - 1 + len(benches) + 3) + "|"]
+    table = {}
+    for k in rows:
+        rs = group[k]
+        accs = {b: [r["accuracy"] for r in rs if r["bench"] == b] for b in benches}
+        params = sorted({r["params"] - (r["head_params"] if r["method"] != "linear" else 0) for r in rs})
+        if rs[0]["method"] == "linear":
+            params = [0]
+        macs = statistics.mean(r["macs_per_token"] for r in rs)
+        label = " | ".join(map(str, k)) if ablation else k
+        table[label] = dict(accuracy=accs, seeds=sorted({r["seed"] for r in rs}), params=params, macs_per_token=macs,
+                            ms_per_step=[r["ms_per_step"] for r in rs])
+        lines.append(f"| {label} |" + "".join(f" {mean_std(accs[b])} |" for b in benches)
+                     + f" {'/'.join(f'{p:,}' for p in params)} | {macs:,.0f} | {mean_std(table[label]['ms_per_step'], '{:.1f}')} |")
+    text = "\n".join(lines)
+    seeds = max(len(v["seeds"]) for v in table.values())
+    intro = (f"Test accuracy, mean ± std over {seeds} seeds (fold benchmarks: seed i tests on fold i+1); "
+             "params: trainable, without the linear head; MACs: all mixtures, per token; ms/step: "
+             "mean over all runs of the row:")
+    if not ablation:
+        shares = {}
+        for m in ("soft-pfeiffer", "dense-pfeiffer", "soft-houlsby", "dense-houlsby"):
+            rs = [r for r in results if r["method"] == m]
+            if not rs:
+                continue
+            per = contribution_shares(rs)
+            shares[m] = {name: torch.tensor(v).mean(0).tolist() for name, v in per.items()}
+        if shares:
+            n = len(next(iter(next(iter(shares.values())).values())))
+            text += ("\n\nEach adapter's share of its mixture's output (mean contribution norm over test tokens, "
+                     f"mean over benchmarks and seeds; uniform = {1 / n:.3f}):\n\n"
+                     "| method | mixture | " + " | ".join(f"a{e}" for e in range(n)) + " | min / max |\n|---|---|"
+                     + "---|" * (n + 1))
+            for m, per in shares.items():
+                for name in sorted(per, key=lambda k: (int(k.split(".")[0][5:]), k)):
+                    v = per[name]
+                    text += (f"\n| {m} | {name} | " + " | ".join(f"{x:.3f}" for x in v)
+                             + f" | {min(v) / max(v):.2f} |")
+            table["contribution_shares"] = shares
+        for b in benches:
+            rs = [r for r in results if r["bench"] == b and r["seed"] == 0 and r["usage_by_class"]
+                  and r["method"] in ("soft-pfeiffer", "dense-pfeiffer")]
+            if rs:
+                usage_heatmaps(rs, os.path.join(out_dir, f"usage-{b}.png"), f"{b}: expert usage per class (seed 0)")
+    name = "ablation" if ablation else "moa"
+    print(f"\n{intro}\n\n{text}\n")
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(intro + "\n\n" + text + "\n")
+    train.write_json(table, os.path.join(out_dir, f"{name}.json"))
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
