@@ -1014,7 +1014,7 @@ class MoAConfig:
     n_mels: int = 64
     pre_clips: int = 3000
     pre_seconds: float = 2.5        # also the positional grid's length
-    pre_epochs: int = 8
+    pre_epochs: int = 10
     pre_batch: int = 32
     pre_lr: float = 1e-3
     # the mixtures (soft_moa) and the fine-tuning recipe
@@ -1024,7 +1024,7 @@ class MoAConfig:
     epochs: int = 6
     batch: int = 32
     lr: float = 5e-3
-    full_lr: float = 3e-4           # full fine-tuning (5e-3 breaks a pre-trained transformer)
+    full_lr: float = 1e-3           # full fine-tuning: chosen on validation (README), the paper gives none
     weight_decay: float = 0.1
     # moa-ablate: on one benchmark, Soft- and Dense-MoA with n adapters of r = budget / n each,
     # and Soft-MoA with p slots per adapter

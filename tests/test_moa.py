@@ -1,0 +1,178 @@
+"""train.py moa / moa-ablate and eval.py's Soft-MoA part against independent references: the
+paper's trainable set and zero-init rule, MACs by the paper's formulas, fold rotation by hand,
+test accuracy against one clip at a time, the cosine schedule by hand."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import encoder as enc
+import eval as E
+import train
+
+# A microscopic Soft-MoA configuration: pre-training and every method, in seconds.
+MOA_MICRO = ["--bench_clips=100", "--pre_clips=100", "--pre_epochs=1", "--ast_d=16", "--ast_layers=2",
+             "--ast_heads=2", "--ast_ff=32", "--epochs=1", "--batch=8", "--pre_batch=8", "--workers=0"]
+
+
+@pytest.fixture(scope="module")
+def moa_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("moa"))
+    train.main(["moa", f"--out_dir={out}", "--benchmarks=esc50,speechcommands", "--seeds=2", *MOA_MICRO])
+    return out
+
+
+def _summary(path):
+    with open(os.path.join(path, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_moa_runs_every_method_and_prints_the_table(moa_run, capsys):
+    table = open(os.path.join(moa_run, "moa.md")).read()
+    for method in train.MOA_METHODS:
+        assert f"| {method} |" in table
+        for bench in ("esc50", "speechcommands"):
+            for seed in (0, 1):
+                run = os.path.join(moa_run, bench, f"{method}-s{seed}")
+                for f in ("best.pt", "last.pt", "metrics.jsonl", "summary.json", "eval.json"):
+                    assert os.path.exists(os.path.join(run, f)), (run, f)
+    assert "| esc50 | speechcommands |" in table.splitlines()[2]
+    assert "share of its mixture's output" in table
+    # A second call reuses every finished run; changed settings in the same folder are refused.
+    train.main(["moa", f"--out_dir={moa_run}", "--benchmarks=esc50,speechcommands", "--seeds=2",
+                "--evaluate=false", *MOA_MICRO])
+    assert "soft-pfeiffer s0:" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings"):
+        train.main(["moa", f"--out_dir={moa_run}", "--benchmarks=esc50", "--seeds=1", *MOA_MICRO, "--lr=1e-2"])
+
+
+def test_fold_benchmarks_rotate_the_test_fold_with_the_seed():
+    splits = [f"fold{i % 5 + 1}" for i in range(50)]
+    for seed in range(7):
+        roles = train.fold_split(splits, seed)
+        test, valid = f"fold{seed % 5 + 1}", f"fold{(seed + 1) % 5 + 1}"
+        assert {splits[i] for i in roles["test"].tolist()} == {test}
+        assert {splits[i] for i in roles["valid"].tolist()} == {valid}
+        assert sorted(sum((v.tolist() for v in roles.values()), [])) == list(range(50))
+    plain = ["train"] * 8 + ["valid", "test"]
+    for seed in (0, 3):
+        roles = train.fold_split(plain, seed)
+        assert roles["test"].tolist() == [9] and roles["valid"].tolist() == [8]
+    with pytest.raises(SystemExit, match="no test clips"):
+        train.fold_split(["train", "valid"], 0)
+
+
+def test_cosine_schedule_by_hand():
+    s = train.Schedule(steps=10, batch=1, lr=2.0, warmup=0, shape="cosine")
+    assert train.lr_at(0, s) == pytest.approx(2.0)
+    assert train.lr_at(5, s) == pytest.approx(1.0)
+    assert train.lr_at(9, s) == pytest.approx(1 + math.cos(math.pi * 0.9))
+
+
+def _tiny_ast():
+    cfg = dict(d=16, n_layers=2, n_heads=2, d_ff=32, num_mel_bins=32, max_length=60)
+    torch.manual_seed(1)
+    model = enc.AST(enc.ASTConfig(**cfg))
+    return dict(config=cfg, model=model.state_dict(), mean=0.0, std=1.0)
+
+
+@pytest.mark.parametrize("method", list(train.MOA_METHODS))
+def test_peft_model_trains_what_the_paper_trains_and_starts_as_the_frozen_ast(method):
+    ast = _tiny_ast()
+    model, trainable = train.build_peft_model(ast, method, n_classes=5, frames=60, r=3, n_experts=4, slots=2)
+    placement, kind = train.MOA_METHODS[method]
+    names = [k for k, _ in model.named_parameters()]
+    if method == "full":
+        want = set(names)
+    elif method == "linear":
+        want = {"head.fc.weight", "head.fc.bias"}
+    else:   # the mixtures, the LayerNorm feeding each, the final LayerNorm, the head (paper Sec. 3)
+        feeds = ("norm1",) if placement == "pfeiffer" else ("norm1", "norm2")
+        want = {k for k in names if ".adapters." in k or k.startswith(("norm.", "head."))
+                or any(f".{f}." in k for f in feeds)}
+    assert set(trainable) == want
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == want
+    # Zero-initialised up-projections: before training every method computes the frozen AST's features.
+    plain = enc.AST(enc.ASTConfig(**ast["config"]))
+    plain.load_state_dict(ast["model"])
+    x = torch.randn(3, 60, 32)
+    with torch.no_grad():
+        got = model(x).pooled_mean
+        ref = plain(x).pooled_mean
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_macs_follow_the_paper_formulas():
+    d, L, r, n, p, m = 64, 4, 4, 7, 1, 47
+    assert train.adapter_macs("linear", d, L, r, n, p, m) == 0
+    assert train.adapter_macs("single-pfeiffer", d, L, r, n, p, m) == L * 2 * d * r
+    assert train.adapter_macs("dense-houlsby", d, L, r, n, p, m) == 2 * L * (n * 2 * d * r + d * n)
+    assert train.adapter_macs("soft-pfeiffer", d, L, r, n, p, m) == pytest.approx(L * (3 * d * n * p + n * p * 2 * d * r / m))
+
+
+def test_test_accuracy_matches_one_clip_at_a_time(moa_run):
+    run = os.path.join(moa_run, "esc50", "soft-houlsby-s1")
+    res = json.load(open(os.path.join(run, "eval.json")))
+    s = _summary(run)
+    ast = train.load(os.path.join(moa_run, "ast", "ast.pt"))
+    cache = train.load(os.path.join(moa_run, "data", "esc50.pt"))
+    test = train.fold_split(cache["split"], 1)["test"]
+    assert {cache["split"][i] for i in test.tolist()} == {"fold2"}
+    model, _ = train.build_peft_model(ast, "soft-houlsby", len(cache["classes"]), cache["x"].shape[1],
+                                      s["config"]["r"], s["config"]["n_experts"], s["config"]["slots"])
+    model.load_state_dict(train.load(os.path.join(run, "best.pt")), strict=False)
+    model.eval()
+    hits = []
+    for i in test.tolist():
+        x = (cache["x"][i].float() - ast["mean"]) / (2 * ast["std"])
+        with torch.no_grad():
+            hits.append(int(model(x[None]).logits.argmax()) == int(cache["y"][i]))
+    assert res["accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert res["n_test"] == len(hits)
+    # Soft-MoA usage rows: each class's tokens give each adapter a share; shares sum to 1.
+    for name, rows in res["usage_by_class"].items():
+        for row in rows:
+            if row[0] == row[0]:                  # NaN: a class absent from the test fold
+                assert sum(row) == pytest.approx(1.0, abs=1e-5)
+    assert set(res["contribution"]) == {f"block{i}.{k}" for i in range(2) for k in ("attn", "ffn")}
+
+
+def test_frozen_weights_are_not_in_the_checkpoints(moa_run):
+    ast = train.load(os.path.join(moa_run, "ast", "ast.pt"))
+    best = train.load(os.path.join(moa_run, "speechcommands", "soft-pfeiffer-s0", "best.pt"))
+    frozen = [k for k in best if ".adapters." not in k
+              and (k.startswith(("patch_embed", "pos_embed", "cls_token", "dist_token")) or ".attn." in k or ".mlp." in k)]
+    assert not frozen
+    assert all(k in ast["model"] or ".adapters." in k or k.startswith("head.") for k in best)
+
+
+def test_ablation_keeps_the_parameter_budget(tmp_path, moa_run):
+    out = str(tmp_path / "abl")
+    os.makedirs(out)
+    os.symlink(os.path.join(moa_run, "ast"), os.path.join(out, "ast"))         # reuse the pre-trained AST
+    train.main(["moa-ablate", f"--out_dir={out}", "--ablate_benchmark=esc50", "--seeds=1",
+                "--ablate_budget=12", "--ablate_experts=2,4", "--ablate_slots=1,3", *MOA_MICRO])
+    rows = json.load(open(os.path.join(out, "ablation.json")))
+    assert set(rows) == {"soft-pfeiffer | 2 | 6 | 1", "soft-pfeiffer | 4 | 3 | 1", "dense-pfeiffer | 2 | 6 | 1",
+                         "dense-pfeiffer | 4 | 3 | 1", "soft-pfeiffer | 4 | 3 | 3"}
+    # n adapters of r = budget / n: the same adapter parameters, whatever n (Soft-MoA adds d x n x p router).
+    d, L = 16, 2
+    for key, row in rows.items():
+        kind, n, r, p = key.split(" | ")
+        n, r, p = int(n), int(r), int(p)
+        adapters = n * (d * r + r + r * d + d)
+        router = d * n * p if kind.startswith("soft") else d * n + n
+        assert row["params"] == [L * (adapters + router + 2 * d) + 2 * d], key   # + feeding and final LayerNorms
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["moa", "--benchmarks=esc50,audioset"], "unknown benchmark 'audioset'"),
+    (["moa", "--methods=soft,dense"], "unknown method 'soft'"),
+    (["moa-ablate", "--ablate_experts=5"], "do not divide ablate_budget=24"),
+    (["moa", "--lora_rank=2"], "lora_rank"),
+])
+def test_moa_cli_rejects_bad_options_by_name(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train.parse_args(argv)
