@@ -1,5 +1,8 @@
-"""Train the MoE-Adapter paper's audio language model at a scale that fits the machine, and compare
-the MoE adapter with its dense baselines (Lei et al., arXiv 2601.02967).
+"""Train the two papers' comparisons at a scale that fits the machine.
+
+Part 1: the MoE-Adapter paper's audio language model, the MoE adapter against its dense baselines
+(Lei et al., arXiv 2601.02967). Part 2 (`python train.py moa`, at the end of this file): Soft-MoA
+fine-tuning of a frozen AST against one adapter and Dense-MoA (Cappellazzo et al., arXiv 2402.00828).
 
     audio -> log-mel -> Whisper-style encoder (frozen) -> adapter -> decoder LLM (frozen) -> answer
 
@@ -11,6 +14,8 @@ The pipeline, one stage per command, each checkpointed in --out_dir and reused w
     python train.py adapter --adapter=moe --seed=0    # 3. one adapter run (encoder and LLM frozen)
     python train.py --config=small --seeds=5          # any TrainConfig field as --key=value
     torchrun --nproc_per_node=2 train.py ...          # DistributedDataParallel (gloo CPU / nccl GPU)
+    python train.py moa                    # part 2: the Soft-MoA comparison (see its section)
+    python train.py moa-ablate             # part 2: adapters at a fixed budget, slots per adapter
 
 1. The encoder learns without any evaluation label: spans of log-mel frames are replaced by a
    learned vector and the encoder reconstructs them (a masked-acoustic-model objective standing in
@@ -973,7 +978,15 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
 # run trains only what the paper trains (soft_moa.mark_trainable: the mixtures, the LayerNorm that
 # feeds each, the final LayerNorm and a linear head on the mean of all output tokens) with the
 # paper's optimiser: AdamW lr 5e-3, betas (0.9, 0.98), weight decay 0.1, cosine, no warm-up.
-# Shape symbols: b batch, T fbank frames, F mel bins, m AST tokens, d width, C classes.
+# "linear" (the head alone) and "full" (every weight, at full_lr) are the reference rows; every
+# row runs the same epochs, batch, schedule and gradient clipping (1.0), and is scored on the
+# test fold at its lowest validation loss (best.pt, checked once per epoch).
+# Deviations of the tiny config, for a 2-core CPU: 64 mel bins instead of 128 (5 instead of 12
+# frequency patches, so 47 tokens per second of audio instead of ~120); r = 4 at d = 64 (d / 16,
+# the paper's d / 128 would leave a 1-wide bottleneck); the fbank is normalised by the mean and
+# std of the pre-training clips, as AST does with AudioSet's (the `paper` preset with a real AST
+# uses AST's own constants). Shape symbols: b batch, T fbank frames, F mel bins, m AST tokens,
+# d width, C classes.
 
 MOA_COMMANDS = ("moa", "moa-ablate")
 # method: (placement, mixture kind); "linear" trains the head alone, "full" every weight.
