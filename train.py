@@ -215,6 +215,11 @@ def parse_args(argv: Sequence[str]):
         cfg = dataclasses.replace(base, **data.parse_overrides(base, rest))
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if preset == "paper" and not (cfg.encoder_checkpoint and cfg.llm_checkpoint):
+        # Its encoder and LLM fields keep the tiny defaults: pre-training them would not give the paper's model.
+        raise SystemExit("--config=paper runs on the real checkpoints: pass --encoder_checkpoint=PATH "
+                         "(Whisper large-v3) and --llm_checkpoint=DIR (Qwen3-1.7B, a Hugging Face folder "
+                         "with tokenizer.json)")
     return command, cfg, resume
 
 
@@ -626,6 +631,9 @@ def stage_encoder(cfg: TrainConfig, mels: dict, ctx: Ctx, resume: bool) -> enc.W
     frozen, in eval mode, on ctx.device."""
     if cfg.encoder_checkpoint:
         path = cfg.encoder_checkpoint
+        if not os.path.exists(path):
+            raise SystemExit(f"--encoder_checkpoint={path}: no such file or folder (expected a Whisper "
+                             f"checkpoint or train.py's encoder.pt)")
         if path.endswith(".pt") and "stage_config" in load(path):                 # our own encoder.pt
             ck = load(path)
             model = enc.WhisperEncoder(enc.WhisperEncoderConfig(**ck["config"]))
@@ -801,6 +809,9 @@ def stage_llm(cfg: TrainConfig, choices: Dict[str, List[str]], ctx: Ctx, resume:
     """Pre-train (or load) the LLM; returns (tokenizer, frozen LLM on ctx.device)."""
     if cfg.llm_checkpoint:
         path = cfg.llm_checkpoint
+        if not os.path.exists(path):
+            raise SystemExit(f"--llm_checkpoint={path}: no such file or folder (expected train.py's llm.pt "
+                             f"or a Hugging Face folder with config.json, weights and tokenizer.json)")
         if path.endswith(".pt"):                                                   # our own llm.pt
             ck = load(path)
             tok = lm.WordTokenizer.from_dict(ck["tokenizer"])

@@ -173,10 +173,11 @@ def test_cli_rejects_bad_options_by_name(argv, message):
 
 
 def test_presets_resolve():
+    ckpts = ["--encoder_checkpoint=whisper", "--llm_checkpoint=qwen"]       # paper needs both
     for name in train.PRESETS:
-        cmd, cfg, resume = train.parse_args(["adapter", "--config", name, "--resume", "--seed=2"])
+        cmd, cfg, resume = train.parse_args(["adapter", "--config", name, "--resume", "--seed=2", *ckpts])
         assert cmd == "adapter" and resume and cfg.seed == 2
-    assert train.parse_args(["--config=paper"])[1].stack == 2
+    assert train.parse_args(["--config=paper", *ckpts])[1].stack == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,3 +227,15 @@ def test_live_encoder_pipeline_runs_end_to_end_and_writes_no_cache(tmp_path, cap
     assert not os.path.exists(os.path.join(out, "mel.pt")) and not os.path.exists(os.path.join(out, "features.pt"))
     saved = json.load(open(os.path.join(out, "moe-s0", "eval.json")))
     assert set(saved["expert_usage"]["domain"]) <= {"speech", "music", "environment", "mixture", "scene"}
+
+
+def test_paper_config_gets_past_the_mel_stage_and_names_the_missing_checkpoints(tmp_path):
+    with pytest.raises(SystemExit, match="--config=paper runs on the real checkpoints"):
+        train.main(["adapter", "--config=paper", f"--out_dir={tmp_path}"])
+    # Live encoder (the paper config's default): items and log-mel sources are set up, nothing is
+    # written, and the run stops at the first checkpoint it cannot find, by name.
+    missing = str(tmp_path / "whisper-large-v3")
+    with pytest.raises(SystemExit, match=f"--encoder_checkpoint={missing}: no such file or folder"):
+        train.main(["adapter", "--config=paper", f"--out_dir={tmp_path}", "--n_clips=40", "--workers=0",
+                    f"--encoder_checkpoint={missing}", f"--llm_checkpoint={tmp_path / 'qwen3'}"])
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
