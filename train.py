@@ -20,7 +20,7 @@ The pipeline, one stage per command, each checkpointed in --out_dir and reused w
    emotion is happy. the word is yes.") then ask one task question and answer it, so it learns the
    answer sets and to read the answer off the context. The audio tokens later take the place of
    the facts. `--llm_checkpoint=PATH` (our llm.pt, or a Hugging Face directory with
-   tokenizer.json) skips it.
+   tokenizer.json and an "audio_token_id" in its config.json) skips it.
 3. Each adapter (`moe`, `dense-flops`, `dense-params`, see moe_adapter.build_adapter) is trained
    on every (clip, task) question of the training split with the next-token loss on the answer plus
    the MoE auxiliary losses, formed over the global batch (Eq. 4 with data parallelism too).
@@ -821,8 +821,8 @@ def stage_llm(cfg: TrainConfig, choices: Dict[str, List[str]], ctx: Ctx, resume:
             model = lm.load_llm(path, dtype=torch.float32)
             c = model.cfg
             if c.audio_token_id is None:
-                raise SystemExit(f"{path}: the LLM has no audio placeholder token; pass a config with "
-                                 f"audio_token_id (e.g. Qwen's <|AUDIO|>)")
+                raise SystemExit(f"{path}: the LLM has no audio placeholder token; add \"audio_token_id\": ID "
+                                 f"to its config.json, an id no text encodes to (Qwen2/3: {lm.QWEN_AUDIO_ID})")
             tok = lm.HFTokenizer(path)
             tok.bos_id, tok.eos_id, tok.pad_id, tok.audio_id = c.bos_id, c.eos_id, c.pad_id, c.audio_token_id
         return tok, lm.freeze(model).to(ctx.device).eval()
@@ -958,7 +958,12 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
     acfg = cfg.adapter_config(parts["d_in"], llm_model.cfg.d_model)
     adapter = build_adapter(kind, acfg).to(ctx.device)
     if cfg.lora_rank:
-        lm.add_lora(llm_model, rank=cfg.lora_rank)
+        lora = [m for m in llm_model.modules() if isinstance(m, lm.LoRALinear)]
+        if lora:                      # an earlier run of `all` shares this LLM: start from its base again
+            for m in lora:
+                m.reset_lora()
+        else:
+            lm.add_lora(llm_model, rank=cfg.lora_rank)
         lm.mark_trainable(llm_model, lora=True)
         llm_model.to(ctx.device)
     model = AudioLLM(adapter, llm_model)

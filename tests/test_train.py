@@ -1,6 +1,7 @@
 """train.py: the whole pipeline at a microscopic size, data parallelism against one process,
 resume against an uninterrupted run, the schedule, the data order, the CLI."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -92,6 +93,23 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
     b = _tensors(os.path.join(cut, "moe-s0", "last.pt"), "model")["adapter"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_each_lora_run_of_all_starts_from_the_base_llm_as_when_run_alone(tmp_path):
+    """`all` trains its runs on one shared LLM object: the second run's LoRA must start fresh."""
+    both, alone = str(tmp_path / "both"), str(tmp_path / "alone")
+    train.main(["all", f"--out_dir={both}", "--adapters=moe", "--seeds=2", "--lora_rank=2", "--evaluate=false", *MICRO])
+    os.makedirs(alone)
+    shutil.copy(os.path.join(both, "mel.pt"), alone)
+    for d in ("encoder", "llm"):
+        shutil.copytree(os.path.join(both, d), os.path.join(alone, d))
+    train.main(["adapter", f"--out_dir={alone}", "--seed=1", "--lora_rank=2", *MICRO])
+    a = _tensors(os.path.join(both, "moe-s1", "last.pt"), "model")
+    b = _tensors(os.path.join(alone, "moe-s1", "last.pt"), "model")
+    assert a["lora"].keys() == b["lora"].keys() and len(a["lora"]) == 4      # q and v of the one layer
+    for part in ("adapter", "lora"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=1e-6, msg=f"{part} {k}")
 
 
 def test_lr_schedule_warmup_stable_decay_by_hand():
@@ -239,3 +257,66 @@ def test_paper_config_gets_past_the_mel_stage_and_names_the_missing_checkpoints(
         train.main(["adapter", "--config=paper", f"--out_dir={tmp_path}", "--n_clips=40", "--workers=0",
                     f"--encoder_checkpoint={missing}", f"--llm_checkpoint={tmp_path / 'qwen3'}"])
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A Hugging Face LLM checkpoint (--llm_checkpoint=DIR): config.json, safetensors, tokenizer.json
+
+
+def tiny_hf_llm(folder, texts):
+    """A random 1-layer Qwen3 saved by transformers, and a word-level tokenizer.json (tokenizers)
+    whose vocabulary holds every word of `texts`. Qwen's special-token layout: no BOS, EOS doubles
+    as padding, an added audio placeholder token named by config.json's audio_token_id."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("safetensors")
+    pre = tokenizers.pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
+    specials = ["<unk>", "<|endoftext|>", "<|AUDIO|>"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.add_special_tokens(specials)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    eos, audio = vocab["<|endoftext|>"], vocab["<|AUDIO|>"]
+    config = transformers.Qwen3Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                                      bos_token_id=None, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**saved, "audio_token_id": audio}, f)
+    return tok, eos, audio
+
+
+def test_adapter_trains_and_evaluates_on_a_hugging_face_llm_folder(tmp_path, capsys):
+    import eval as E
+    hf_dir, out = str(tmp_path / "qwen3-tiny"), str(tmp_path / "run")
+    os.makedirs(hf_dir)
+    cfg = train.parse_args(["adapter", f"--out_dir={out}", *MICRO])[1]
+    items = train.instruction_items(cfg, train.sources(cfg))
+    texts = [train.prompt_text(it, style) + " " + it["answer"]
+             for split in items.values() for it in split for style in ("question", "full")]
+    ref_tok, eos, audio = tiny_hf_llm(hf_dir, texts)
+    train.main(["adapter", f"--out_dir={out}", f"--llm_checkpoint={hf_dir}", *MICRO])
+    assert "moe s0 step     6" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "llm"))                    # no LLM pre-training
+    summary = json.load(open(os.path.join(out, "moe-s0", "summary.json")))
+    assert summary["steps"] == 6 and math.isfinite(summary["best_valid"])
+    # eval.py finds the same checkpoint from the run's config.json, with the tokenizer's own ids.
+    parts = E.load_parts(out, train.Ctx(torch.device("cpu")))
+    tok, llm_cfg = parts["tok"], parts["llm"].cfg
+    assert (llm_cfg.bos_id, llm_cfg.eos_id, llm_cfg.audio_token_id) == (None, eos, audio)
+    it = parts["test"].items[0]
+    assert tok.encode(it["question"]) == ref_tok.encode(it["question"], add_special_tokens=False).ids
+    assert 0 not in tok.encode(it["question"]) + tok.encode(it["answer"])     # no <unk>: the vocabulary covers the task
+    res = E.evaluate_run(os.path.join(out, "moe-s0"), parts=parts, ctx=train.Ctx(torch.device("cpu")))
+    assert 0 <= res["all_closed"] <= 1 and 0 <= res["all_exact"] <= 1
+    # Training labels end every answer with the checkpoint's EOS (build_batch's layout).
+    _, _, prompts, answers = parts["train"].batch(torch.arange(2), "cpu")
+    b = train.lm.build_batch(prompts, answers, [3, 3], cfg=llm_cfg)
+    last = b["labels"][0][b["labels"][0] != train.IGNORE_INDEX][-1]
+    assert int(last) == eos
