@@ -727,16 +727,22 @@ class CachedFeatures:
 
 class LiveFeatures:
     """Encoder features computed on every call: log-mels from LiveMels, then the frozen encoder
-    under no_grad (ctx's autocast). Costs an encoder forward per batch, stores nothing."""
+    under no_grad (ctx's autocast), `chunk` clips at a time (eval.py asks for up to 256 clips at
+    once; 30 s windows through Whisper large-v3 would need tens of GB). Stores nothing."""
 
-    def __init__(self, encoder: enc.WhisperEncoder, mels: LiveMels, ctx: Ctx):
-        self.encoder, self.mels, self.ctx = encoder, mels, ctx
+    def __init__(self, encoder: enc.WhisperEncoder, mels: LiveMels, ctx: Ctx, chunk: int = 64):
+        self.encoder, self.mels, self.ctx, self.chunk = encoder, mels, ctx, chunk
 
     def __call__(self, j: torch.Tensor, device):
         # eval.py's batches are clip-major (several questions per clip): each clip once.
         clips, back = torch.unique(j, return_inverse=True)                         # (U,), (B,)
-        mel, frames = self.mels.batch(clips)                                       # (U, F, T), (U,)
-        x, m = encode_batch(self.encoder, mel, frames, self.ctx)                   # (U, T', d), (U, T')
+        xs, ms = [], []
+        for c in clips.split(self.chunk):
+            mel, frames = self.mels.batch(c)                                       # (u, F, T), (u,)
+            x, m = encode_batch(self.encoder, mel, frames, self.ctx)               # (u, T', d), (u, T')
+            xs.append(x)
+            ms.append(m)
+        x, m = torch.cat(xs), torch.cat(ms)                                        # (U, T', d), (U, T')
         back = back.to(x.device)
         return x[back].to(device), m[back].to(device)                              # (B, T', d), (B, T')
 

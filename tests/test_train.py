@@ -210,7 +210,7 @@ def test_live_features_equal_a_hand_computation_and_the_cache_up_to_its_fp16_mel
     torch.manual_seed(0)
     encoder = enc.WhisperEncoder(train.encoder_config(cfg)).eval()   # random weights: the path is under test
     live_mels = train.LiveMels(srcs["test"], cfg)
-    live = train.LiveFeatures(encoder, live_mels, ctx)
+    live = train.LiveFeatures(encoder, live_mels, ctx, chunk=2)             # 3 clips: two chunks
     cached_mels = train.mel_cache(cfg, srcs, ctx)["test"]
     cached_x, cached_m = train.encode(encoder, cached_mels.mel, cached_mels.frames, ctx)
     assert live_mels.domain == cached_mels.domain                   # from labels, no rendering
