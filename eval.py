@@ -44,7 +44,8 @@ GROUPS = ("semantic", "paralinguistic")
 
 
 def load_parts(out_dir: str, ctx: Optional[train.Ctx] = None) -> dict:
-    """The frozen encoder, LLM and cached features of an output folder (nothing is retrained)."""
+    """The frozen encoder, LLM and encoder features (cached, or live) of an output folder
+    (nothing is retrained)."""
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
         raise SystemExit(f"{out_dir}: no config.json; expected a folder written by train.py")
@@ -163,7 +164,7 @@ def expert_usage(model: train.AudioLLM, d: train.AdapterData, ctx, batch: int = 
     for i0 in range(0, len(clips), batch):
         j = torch.tensor(clips[i0:i0 + batch])
         with ctx.autocast():
-            _, aux = model.adapter(d.feats[j].to(ctx.device), d.fmask[j].to(ctx.device))
+            _, aux = model.adapter(*d.clip_features(j, ctx.device))
         index = aux["expert_index"].cpu()                                           # (B, N_a, k)
         for b, jj in enumerate(j.tolist()):
             sel = index[b][index[b] >= 0]

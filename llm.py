@@ -172,8 +172,9 @@ def config_from_hf(hf: Mapping, **overrides) -> LLMConfig:
 
     Variants this file does not implement (RoPE scaling such as Llama 3's, sliding-window attention,
     MLP biases, activations other than SiLU) are refused by name rather than run wrongly. A list of
-    EOS ids keeps its first; pass eos_id to generate for the others. `overrides` win (e.g.
-    audio_token_id, which no config.json sets, or max_seq_len).
+    EOS ids keeps its first; pass eos_id to generate for the others. audio_token_id is read from
+    an `audio_token_id` key, which no published LLM config.json has (add it, or pass it). `overrides`
+    win (e.g. audio_token_id, or max_seq_len).
     """
     kind = hf.get("model_type")
     if kind not in HF_MODEL_TYPES:
@@ -205,7 +206,7 @@ def config_from_hf(hf: Mapping, **overrides) -> LLMConfig:
         qkv_bias=kind == "qwen2" or attention_bias, o_bias=kind != "qwen2" and attention_bias,
         qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         pad_id=hf.get("pad_token_id"), bos_id=hf.get("bos_token_id"),
-        eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos, audio_token_id=None)
+        eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos, audio_token_id=hf.get("audio_token_id"))
     return LLMConfig(**{**cfg, **overrides})
 
 
@@ -723,9 +724,15 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.reset_lora()
         self.lora_dropout = nn.Dropout(dropout)
+
+    @torch.no_grad()
+    def reset_lora(self) -> None:
+        """A drawn afresh, B = 0: the layer is the base layer again (same draws as a new layer)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)   # (..., d_out)

@@ -25,15 +25,17 @@ The pipeline, one stage per command, each checkpointed in --out_dir and reused w
    emotion is happy. the word is yes.") then ask one task question and answer it, so it learns the
    answer sets and to read the answer off the context. The audio tokens later take the place of
    the facts. `--llm_checkpoint=PATH` (our llm.pt, or a Hugging Face directory with
-   tokenizer.json) skips it.
+   tokenizer.json and an "audio_token_id" in its config.json) skips it.
 3. Each adapter (`moe`, `dense-flops`, `dense-params`, see moe_adapter.build_adapter) is trained
    on every (clip, task) question of the training split with the next-token loss on the answer plus
    the MoE auxiliary losses, formed over the global batch (Eq. 4 with data parallelism too).
 
 The frozen encoder's outputs are computed once and cached (`cache_features`), so an adapter step
-costs only the adapter and the LLM. Each adapter run keeps last.pt (resume), best.pt (lowest
-validation loss, a copy), adapter snapshots for eval.py's gradient-conflict analysis, and
-metrics.jsonl; eval.py then scores the test split and prints the comparison.
+costs only the adapter and the LLM. With --cache_features=false nothing is cached (the paper
+config's 30 s windows would not fit): each batch's clips are read, turned into log-mels and
+encoded again, in every stage and in eval.py. Each adapter run keeps last.pt (resume), best.pt
+(lowest validation loss, a copy), adapter snapshots for eval.py's gradient-conflict analysis,
+and metrics.jsonl; eval.py then scores the test split and prints the comparison.
 
 Notation in shape comments: B batch, F mel bins, T mel frames, T' encoder frames, N tokens
 (audio tokens after stacking, or text tokens), D LLM width, E experts, V vocabulary, G global batch.
@@ -135,7 +137,7 @@ class TrainConfig:
     valid_items: int = 512          # validation questions used for it
     log_every: int = 50
     snapshots: int = 4              # adapter snapshots kept for the gradient-conflict analysis
-    cache_features: bool = True     # run the frozen encoder once over every clip
+    cache_features: bool = True     # run the frozen encoder once over every clip (false: on every batch)
 
     def __post_init__(self):
         if self.prompt not in ("question", "full"):
@@ -189,7 +191,8 @@ class TrainConfig:
 
 PRESETS = ("tiny", "small", "paper")
 # Fields that say what to run and where, not what a run learns: a finished run is reused whatever they are.
-RUN_CONTROL = ("out_dir", "adapters", "seeds", "evaluate", "workers", "device", "compile")
+# cache_features only says where the same encoder features come from (up to the cache's fp16 log-mels).
+RUN_CONTROL = ("out_dir", "adapters", "seeds", "evaluate", "workers", "device", "compile", "cache_features")
 
 
 def parse_args(argv: Sequence[str]):
@@ -221,6 +224,11 @@ def parse_args(argv: Sequence[str]):
         cfg = dataclasses.replace(base, **data.parse_overrides(base, rest))
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if preset == "paper" and not (cfg.encoder_checkpoint and cfg.llm_checkpoint):
+        # Its encoder and LLM fields keep the tiny defaults: pre-training them would not give the paper's model.
+        raise SystemExit("--config=paper runs on the real checkpoints: pass --encoder_checkpoint=PATH "
+                         "(Whisper large-v3) and --llm_checkpoint=DIR (Qwen3-1.7B, a Hugging Face folder "
+                         "with tokenizer.json)")
     return command, cfg, resume
 
 
@@ -486,14 +494,72 @@ def log_mel(audio: torch.Tensor, lengths: torch.Tensor, n_mels: int, n_frames: i
     return mel, mask.sum(1)
 
 
-def mel_cache(cfg: TrainConfig, srcs: dict, ctx: Ctx) -> dict:
-    """{split: dict(mel (N, F, T) fp16, frames (N,), domain [N])} for every clip, made once
-    (out_dir/mel.pt). Rendering the synthetic clips is the slow part, hence the worker processes."""
-    path = os.path.join(cfg.out_dir, "mel.pt")
-    want = dict(data_dir=cfg.data_dir, data_label=cfg.data_label, n_clips=cfg.n_clips,
+def mel_config(cfg: TrainConfig) -> dict:
+    """The settings a log-mel depends on: what mel.pt and the encoder pre-training are checked against."""
+    return dict(data_dir=cfg.data_dir, data_label=cfg.data_label, n_clips=cfg.n_clips,
                 clip_seconds=cfg.clip_seconds, data_seed=cfg.data_seed, n_mels=cfg.n_mels)
+
+
+def mel_frames(cfg: TrainConfig) -> int:
+    """T: mel frames of a clip_seconds window (10 ms hop); shorter clips are zero-padded to it."""
+    return math.ceil(cfg.clip_seconds * data.SAMPLE_RATE / 160)
+
+
+def clip_domains(src) -> List[str]:
+    """Domain of every clip of a source without reading or rendering audio: a real corpus keeps it
+    in its file records, the synthetic one draws it with the labels (SyntheticCorpus.spec)."""
+    if isinstance(src, data.AudioFiles):
+        return [r.domain for r in src.records]
+    return [src.labels(j)["domain"] for j in range(len(src))]
+
+
+@dataclass
+class CachedMels:
+    """The log-mels of one split, stored once in out_dir/mel.pt. Same interface as LiveMels."""
+    mel: torch.Tensor               # (N, F, T) float16
+    frames: torch.Tensor            # (N,) real frames of each clip
+    domain: List[str]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def n_frames(self) -> int:
+        return self.mel.shape[2]
+
+    def batch(self, j: torch.Tensor):
+        """Clips j (B,) -> mel (B, F, T) float16 (half the bytes to move to the GPU), frames (B,)."""
+        return self.mel[j], self.frames[j]
+
+
+class LiveMels:
+    """The log-mels of one split, computed from the source on every call and never stored (the
+    paper config's 30 s x 128-bin windows of a real corpus would not fit in memory as a cache).
+    Each call reads (or renders) its clips in this process. Same interface as CachedMels, and the
+    same numbers before the cache's float16 rounding: one clip's log-mel does not depend on the
+    batch it is computed in (whisper_log_mel pads every clip to T frames and clamps per clip)."""
+
+    def __init__(self, source, cfg: TrainConfig):
+        self.clips = _Clips(source, cfg.clip_seconds)
+        self.n_mels, self.n_frames = cfg.n_mels, mel_frames(cfg)
+        self.domain = clip_domains(source)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def batch(self, j: torch.Tensor):
+        """Clips j (B,) -> mel (B, F, T) float32, frames (B,), on the CPU."""
+        b = data.collate([self.clips[int(i)] for i in j])
+        return log_mel(b["audio"], b["lengths"], self.n_mels, self.n_frames)
+
+
+def mel_cache(cfg: TrainConfig, srcs: dict, ctx: Ctx) -> Dict[str, CachedMels]:
+    """{split: CachedMels} for every clip, made once (out_dir/mel.pt: per split mel (N, F, T) fp16,
+    frames (N,), domain [N]). Rendering the synthetic clips is the slow part, hence the worker processes."""
+    path = os.path.join(cfg.out_dir, "mel.pt")
+    want = mel_config(cfg)
     if ctx.main and not os.path.exists(path):
-        n_frames = math.ceil(cfg.clip_seconds * data.SAMPLE_RATE / 160)
+        n_frames = mel_frames(cfg)
         out = {}
         for split, src in srcs.items():
             loader = torch.utils.data.DataLoader(_Clips(src, cfg.clip_seconds), batch_size=64,
@@ -508,7 +574,7 @@ def mel_cache(cfg: TrainConfig, srcs: dict, ctx: Ctx) -> dict:
         save_atomic(dict(stage_config=want, **out), path)
     barrier(ctx)
     check_same_config(path, want, "log-mel cache")
-    return {k: v for k, v in load(path).items() if k != "stage_config"}
+    return {k: CachedMels(**v) for k, v in load(path).items() if k != "stage_config"}
 
 
 def instruction_items(cfg: TrainConfig, srcs: dict) -> Dict[str, List[dict]]:
@@ -575,9 +641,13 @@ def encoder_config(cfg: TrainConfig) -> enc.WhisperEncoderConfig:
 
 
 def stage_encoder(cfg: TrainConfig, mels: dict, ctx: Ctx, resume: bool) -> enc.WhisperEncoder:
-    """Pre-train (or load) the encoder; returns it frozen, in eval mode, on ctx.device."""
+    """Pre-train (or load) the encoder on mels["train"] (CachedMels or LiveMels); returns it
+    frozen, in eval mode, on ctx.device."""
     if cfg.encoder_checkpoint:
         path = cfg.encoder_checkpoint
+        if not os.path.exists(path):
+            raise SystemExit(f"--encoder_checkpoint={path}: no such file or folder (expected a Whisper "
+                             f"checkpoint or train.py's encoder.pt)")
         if path.endswith(".pt") and "stage_config" in load(path):                 # our own encoder.pt
             ck = load(path)
             model = enc.WhisperEncoder(enc.WhisperEncoderConfig(**ck["config"]))
@@ -594,27 +664,27 @@ def stage_encoder(cfg: TrainConfig, mels: dict, ctx: Ctx, resume: bool) -> enc.W
     final = os.path.join(run_dir, "encoder.pt")
     ecfg = encoder_config(cfg)
     want = dict(asdict(ecfg), steps=cfg.enc_steps, batch=cfg.enc_batch, lr=cfg.enc_lr,
-                mask_frac=cfg.enc_mask_frac, span=cfg.enc_span, **load(os.path.join(cfg.out_dir, "mel.pt"))["stage_config"])
+                mask_frac=cfg.enc_mask_frac, span=cfg.enc_span, **mel_config(cfg))
     if not os.path.exists(final):
         torch.manual_seed(cfg.data_seed)
         model = MaskedMelModel(enc.WhisperEncoder(ecfg)).to(ctx.device)
-        mel, frames = mels["train"]["mel"], mels["train"]["frames"]               # (N, F, T), (N,)
+        train_mels = mels["train"]
         s = Schedule(cfg.enc_steps, cfg.enc_batch, cfg.enc_lr, warmup=min(50, cfg.enc_steps // 10 + 1))
 
         def step_loss(m, step, idx):
             g = torch.Generator().manual_seed(cfg.data_seed * 7919 + step)
-            masked = span_mask(s.batch, mel.shape[2], cfg.enc_mask_frac, cfg.enc_span, g)   # (G, T)
+            masked = span_mask(s.batch, train_mels.n_frames, cfg.enc_mask_frac, cfg.enc_span, g)   # (G, T)
             per = s.batch // ctx.world
             masked = masked[ctx.rank * per:(ctx.rank + 1) * per]
-            x = mel[idx].to(ctx.device).float()
+            x, frames = train_mels.batch(idx)                                      # (B, F, T), (B,)
             with ctx.autocast():
-                err, n = m(x, frames[idx].to(ctx.device), masked.to(ctx.device))
+                err, n = m(x.to(ctx.device).float(), frames.to(ctx.device), masked.to(ctx.device))
             n_all = global_sum(n.float(), ctx)
             loss = err * ctx.world / n_all.clamp(min=1)        # DDP averages: x world -> global mean
             return loss, dict(mse=float(global_sum(err.detach(), ctx) / n_all.clamp(min=1)))
-        summary = fit("encoder", model, step_loss, s, ctx, run_dir, resume, cfg.data_seed, len(mel),
+        summary = fit("encoder", model, step_loss, s, ctx, run_dir, resume, cfg.data_seed, len(train_mels),
                       state=model.state_dict, load_state=model.load_state_dict,
-                      tokens_per_item=mel.shape[2] / 2)
+                      tokens_per_item=train_mels.n_frames / 2)
         if ctx.main:
             save_atomic(dict(stage_config=want, config=asdict(ecfg), model=model.encoder.state_dict(),
                              summary=summary), final)
@@ -627,29 +697,68 @@ def stage_encoder(cfg: TrainConfig, mels: dict, ctx: Ctx, resume: bool) -> enc.W
 
 
 @torch.no_grad()
+def encode_batch(encoder: enc.WhisperEncoder, mel: torch.Tensor, frames: torch.Tensor, ctx: Ctx):
+    """Frozen encoder over one batch of log-mels (B, F, T) with frames (B,) real: (B, T', d)
+    float32 and (B, T') bool, on ctx.device."""
+    x = mel.to(ctx.device).float()
+    real = torch.arange(x.shape[2], device=ctx.device)[None, :] < frames[:, None].to(ctx.device)   # (B, T)
+    with ctx.autocast():
+        out = encoder(x, real)
+    return out.features.float(), out.mask
+
+
 def encode(encoder: enc.WhisperEncoder, mel: torch.Tensor, frames: torch.Tensor, ctx: Ctx, batch: int = 256):
     """Frozen encoder over cached log-mels: (N, T', d) float32 and (N, T') bool, on the CPU."""
     feats, masks = [], []
     for i in range(0, len(mel), batch):
-        x = mel[i:i + batch].to(ctx.device).float()
-        real = torch.arange(x.shape[2], device=ctx.device)[None, :] < frames[i:i + batch, None].to(ctx.device)
-        with ctx.autocast():
-            out = encoder(x, real)
-        feats.append(out.features.float().cpu())
-        masks.append(out.mask.cpu())
+        x, m = encode_batch(encoder, mel[i:i + batch], frames[i:i + batch], ctx)
+        feats.append(x.cpu())
+        masks.append(m.cpu())
     return torch.cat(feats), torch.cat(masks)
 
 
-def feature_cache(cfg: TrainConfig, encoder, mels: dict, ctx: Ctx) -> dict:
+def feature_cache(cfg: TrainConfig, encoder, mels: Dict[str, CachedMels], ctx: Ctx) -> dict:
     """{split: (features (N, T', d), mask (N, T'))} of the frozen encoder: made once per out_dir."""
     path = os.path.join(cfg.out_dir, "features.pt")
     src = cfg.encoder_checkpoint or os.path.join(cfg.out_dir, "encoder", "encoder.pt")
     want = dict(encoder=os.path.abspath(src), mtime=os.path.getmtime(src))
     if ctx.main and (not os.path.exists(path) or load(path)["stage_config"] != want):
-        out = {s: encode(encoder, m["mel"], m["frames"], ctx) for s, m in mels.items()}
+        out = {s: encode(encoder, m.mel, m.frames, ctx) for s, m in mels.items()}
         save_atomic(dict(stage_config=want, **out), path)
     barrier(ctx)
     return {k: v for k, v in load(path).items() if k != "stage_config"}
+
+
+class CachedFeatures:
+    """Encoder features of every clip of a split, from feature_cache: indexed, never recomputed."""
+
+    def __init__(self, feats: torch.Tensor, fmask: torch.Tensor):
+        self.feats, self.fmask = feats, fmask                                      # (N, T', d), (N, T')
+
+    def __call__(self, j: torch.Tensor, device):
+        return self.feats[j].to(device), self.fmask[j].to(device)
+
+
+class LiveFeatures:
+    """Encoder features computed on every call: log-mels from LiveMels, then the frozen encoder
+    under no_grad (ctx's autocast), `chunk` clips at a time (eval.py asks for up to 256 clips at
+    once; 30 s windows through Whisper large-v3 would need tens of GB). Stores nothing."""
+
+    def __init__(self, encoder: enc.WhisperEncoder, mels: LiveMels, ctx: Ctx, chunk: int = 64):
+        self.encoder, self.mels, self.ctx, self.chunk = encoder, mels, ctx, chunk
+
+    def __call__(self, j: torch.Tensor, device):
+        # eval.py's batches are clip-major (several questions per clip): each clip once.
+        clips, back = torch.unique(j, return_inverse=True)                         # (U,), (B,)
+        xs, ms = [], []
+        for c in clips.split(self.chunk):
+            mel, frames = self.mels.batch(c)                                       # (u, F, T), (u,)
+            x, m = encode_batch(self.encoder, mel, frames, self.ctx)               # (u, T', d), (u, T')
+            xs.append(x)
+            ms.append(m)
+        x, m = torch.cat(xs), torch.cat(ms)                                        # (U, T', d), (U, T')
+        back = back.to(x.device)
+        return x[back].to(device), m[back].to(device)                              # (B, T', d), (B, T')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -720,6 +829,9 @@ def stage_llm(cfg: TrainConfig, choices: Dict[str, List[str]], ctx: Ctx, resume:
     """Pre-train (or load) the LLM; returns (tokenizer, frozen LLM on ctx.device)."""
     if cfg.llm_checkpoint:
         path = cfg.llm_checkpoint
+        if not os.path.exists(path):
+            raise SystemExit(f"--llm_checkpoint={path}: no such file or folder (expected train.py's llm.pt "
+                             f"or a Hugging Face folder with config.json, weights and tokenizer.json)")
         if path.endswith(".pt"):                                                   # our own llm.pt
             ck = load(path)
             tok = lm.WordTokenizer.from_dict(ck["tokenizer"])
@@ -729,8 +841,8 @@ def stage_llm(cfg: TrainConfig, choices: Dict[str, List[str]], ctx: Ctx, resume:
             model = lm.load_llm(path, dtype=torch.float32)
             c = model.cfg
             if c.audio_token_id is None:
-                raise SystemExit(f"{path}: the LLM has no audio placeholder token; pass a config with "
-                                 f"audio_token_id (e.g. Qwen's <|AUDIO|>)")
+                raise SystemExit(f"{path}: the LLM has no audio placeholder token; add \"audio_token_id\": ID "
+                                 f"to its config.json, an id no text encodes to (Qwen2/3: {lm.QWEN_AUDIO_ID})")
             tok = lm.HFTokenizer(path)
             tok.bos_id, tok.eos_id, tok.pad_id, tok.audio_id = c.bos_id, c.eos_id, c.pad_id, c.audio_token_id
         return tok, lm.freeze(model).to(ctx.device).eval()
@@ -820,22 +932,26 @@ def balance_loss(aux: dict, ctx: Ctx) -> torch.Tensor:
 
 
 class AdapterData:
-    """Questions of one split as token ids, with the cached features of their clips."""
+    """Questions of one split as token ids, with the encoder features of their clips from
+    `features` (CachedFeatures or LiveFeatures: clip indices (B,), device -> (B, T', d), (B, T'))."""
 
-    def __init__(self, items, feats, fmask, tok, style, domains):
+    def __init__(self, items, features: Callable, tok, style, domains):
         self.items = items
         self.clip = torch.tensor([it["index"] for it in items], dtype=torch.long)
-        self.feats, self.fmask, self.domains = feats, fmask, domains
+        self.features, self.domains = features, domains
         self.prompts = [tok.encode(prompt_text(it, style)) for it in items]
         self.answers = [tok.encode(it["answer"]) for it in items]
 
     def __len__(self):
         return len(self.items)
 
+    def clip_features(self, j: torch.Tensor, device):
+        """Features (B, T', d) and mask (B, T') of clips j (B,), whichever way they are made."""
+        return self.features(j, device)
+
     def batch(self, idx, device):
-        j = self.clip[idx]
-        return (self.feats[j].to(device), self.fmask[j].to(device), [self.prompts[i] for i in idx.tolist()],
-                [self.answers[i] for i in idx.tolist()])
+        feats, fmask = self.clip_features(self.clip[idx], device)
+        return feats, fmask, [self.prompts[i] for i in idx.tolist()], [self.answers[i] for i in idx.tolist()]
 
 
 def run_name(kind: str, seed: int) -> str:
@@ -862,7 +978,12 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
     acfg = cfg.adapter_config(parts["d_in"], llm_model.cfg.d_model)
     adapter = build_adapter(kind, acfg).to(ctx.device)
     if cfg.lora_rank:
-        lm.add_lora(llm_model, rank=cfg.lora_rank)
+        lora = [m for m in llm_model.modules() if isinstance(m, lm.LoRALinear)]
+        if lora:                      # an earlier run of `all` shares this LLM: start from its base again
+            for m in lora:
+                m.reset_lora()
+        else:
+            lm.add_lora(llm_model, rank=cfg.lora_rank)
         lm.mark_trainable(llm_model, lora=True)
         llm_model.to(ctx.device)
     model = AudioLLM(adapter, llm_model)
@@ -921,7 +1042,8 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
     s = Schedule(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.decay_frac, cfg.weight_decay, cfg.grad_clip)
     snaps = sorted({round(cfg.steps * i / max(cfg.snapshots - 1, 1)) for i in range(cfg.snapshots)}) \
         if cfg.snapshots > 0 else []
-    tokens = (train.fmask.sum(1).float().mean().item() / cfg.stack) + 12
+    # For the tokens/s log only: audio tokens of 16 clips (live: one extra small batch) + ~12 of text.
+    tokens = train.clip_features(train.clip.unique()[:16], "cpu")[1].sum(1).float().mean().item() / cfg.stack + 12
     summary = fit(f"{kind} s{seed}", step_model, step_loss, s, ctx, run_dir, resume, seed, len(train),
                   state=trained_state, load_state=load_trained, validate=validate, eval_every=cfg.eval_every,
                   log_every=cfg.log_every, snapshot_steps=snaps, snapshot=trained_state, tokens_per_item=tokens)
@@ -939,7 +1061,8 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
 
 
 def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", "features")) -> dict:
-    """Everything an adapter run (or eval.py) needs: items, frozen parts, cached features."""
+    """Everything an adapter run (or eval.py) needs: items, frozen parts, encoder features of
+    every split (cached in out_dir, or computed on each batch with --cache_features=false)."""
     srcs = sources(cfg)
     items = instruction_items(cfg, srcs)
     choices = task_choices(items["train"] + items["valid"] + items["test"])
@@ -948,11 +1071,11 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
     t0 = time.perf_counter()
-    mels = mel_cache(cfg, srcs, ctx) if cfg.cache_features else None
-    if mels is None:
-        raise SystemExit("cache_features=False (the live-encoder path) is not implemented yet: the "
-                         "adapter stage reads the cached encoder features")
-    parts["domains"] = {s: m["domain"] for s, m in mels.items()}
+    if cfg.cache_features:
+        mels = mel_cache(cfg, srcs, ctx)
+    else:                                                  # nothing written: mel.pt, features.pt
+        mels = {split: LiveMels(src, cfg) for split, src in srcs.items()}
+    parts["domains"] = {s: m.domain for s, m in mels.items()}
     if "encoder" in stages:
         encoder = stage_encoder(cfg, mels, ctx, resume)
         parts["encoder"] = encoder
@@ -960,9 +1083,12 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
     if "llm" in stages:
         parts["tok"], parts["llm"] = stage_llm(cfg, choices, ctx, resume)
     if "features" in stages:
-        feats = feature_cache(cfg, parts["encoder"], mels, ctx)
-        for split, (x, m) in feats.items():
-            parts[split] = AdapterData(items[split], x, m, parts["tok"], cfg.prompt, parts["domains"][split])
+        if cfg.cache_features:
+            features = {s: CachedFeatures(*xm) for s, xm in feature_cache(cfg, parts["encoder"], mels, ctx).items()}
+        else:
+            features = {s: LiveFeatures(parts["encoder"], m, ctx) for s, m in mels.items()}
+        for split, f in features.items():
+            parts[split] = AdapterData(items[split], f, parts["tok"], cfg.prompt, parts["domains"][split])
     parts["prepare_seconds"] = time.perf_counter() - t0
     return parts
 

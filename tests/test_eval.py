@@ -21,11 +21,11 @@ def test_closed_set_picks_the_choice_a_plain_llm_call_finds_most_likely(micro_ru
     model = E.load_model(os.path.join(micro_run, "moe-s0"), parts)
     d, tok, ctx = parts["test"], parts["tok"], train.Ctx(torch.device("cpu"))
     n = min(len(d), 24)
-    sub = train.AdapterData(d.items[:n], d.feats, d.fmask, tok, "question", d.domains)
+    sub = train.AdapterData(d.items[:n], d.features, tok, "question", d.domains)
     got = E.closed_set(model, sub, tok, ctx, batch=7)
     for i in range(n):
         it = d.items[i]
-        x, m = d.feats[it["index"]][None], d.fmask[it["index"]][None]
+        x, m = d.features.feats[it["index"]][None], d.features.fmask[it["index"]][None]
         with torch.no_grad():
             y, aux = model.adapter(x, m)
             nll = []
@@ -65,7 +65,7 @@ def test_expert_usage_matches_a_per_clip_loop(micro_run, parts):
     ref = {}
     for j in sorted(set(d.clip.tolist())):
         with torch.no_grad():
-            _, aux = model.adapter(d.feats[j][None], d.fmask[j][None])
+            _, aux = model.adapter(d.features.feats[j][None], d.features.fmask[j][None])
         idx = aux["expert_index"][aux["expert_index"] >= 0]
         ref[d.domains[j]] = ref.get(d.domains[j], 0) + torch.bincount(idx, minlength=E_).double()
     for dom, counts in ref.items():

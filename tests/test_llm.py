@@ -641,6 +641,7 @@ def test_config_from_hf_reads_both_rope_formats_and_eos_lists():
     assert (cfg.rope_theta, cfg.eos_id, cfg.qkv_bias, cfg.n_kv_heads, cfg.head_dim) == (123.0, 7, True, 2, 16)
     hf2 = {**hf, "rope_parameters": dict(rope_type="default", rope_theta=456.0)}
     assert llm.config_from_hf(hf2, audio_token_id=9).rope_theta == 456.0
+    assert cfg.audio_token_id is None and llm.config_from_hf({**hf, "audio_token_id": 11}).audio_token_id == 11
 
 
 # ----------------------------------------------------------------------------------------------
