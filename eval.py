@@ -4,6 +4,7 @@
     python eval.py runs/tiny                  # evaluate every run in the folder, print the comparison
     python eval.py runs/tiny/moe-s0           # one run: accuracy, expert use, gradient conflict
     python eval.py runs/tiny --force          # evaluate again even where eval.json exists
+    python eval.py runs/moa                   # a `train.py moa` folder: the Soft-MoA tables (part 2)
 
 Per run (eval.json in the run folder), on the model with the lowest validation loss (best.pt):
 - Accuracy per task on the held-out test split, two ways: greedy decoding, exact match of the
@@ -481,9 +482,12 @@ def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -
             results.append(json.load(f))
     if not results:
         raise SystemExit(f"{out_dir}: no evaluated Soft-MoA run (eval.json) to compare")
-    benches = list(dict.fromkeys(r["bench"] for r in results))
+    names = list(train.data.BENCHMARKS) + ["data"]
+    benches = sorted(dict.fromkeys(r["bench"] for r in results), key=names.index)
     key = (lambda r: (r["method"], r["n_experts"], r["r"], r["slots"])) if ablation else (lambda r: r["method"])
-    rows = list(dict.fromkeys(key(r) for r in results))
+    order = list(train.MOA_METHODS)
+    rows = sorted(dict.fromkeys(key(r) for r in results),
+                  key=lambda k: (order.index(k[0]), *k[1:]) if ablation else (order.index(k),))
     group = {k: [r for r in results if key(r) == k] for k in rows}
     head = "| method | adapters n | r | slots p |" if ablation else "| method |"
     lines = [head + "".join(f" {b} |" for b in benches) + " trainable params (no head) | adapter MACs/token | ms/step |",
@@ -539,6 +543,30 @@ def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -
     return text
 
 
+def moa_main(out_dir: str, force: bool) -> None:
+    """eval.py on a `train.py moa` folder: score runs without eval.json, print both tables."""
+    with open(os.path.join(out_dir, "config.json")) as f:
+        cfg = train.MoAConfig(**json.load(f))
+    ctx = train.make_ctx(cfg)
+    ast = train.stage_ast(cfg, ctx, resume=False)
+    found = {False: [], True: []}
+    for root, _, files in sorted(os.walk(out_dir)):
+        if "summary.json" in files:
+            found[os.path.relpath(root, out_dir).startswith("ablate" + os.sep)].append(root)
+    if not found[False] and not found[True]:
+        raise SystemExit(f"{out_dir}: no finished Soft-MoA run (a folder with summary.json) inside")
+    caches = {}
+    for ablation, runs in found.items():
+        for r in sorted(runs):
+            with open(os.path.join(r, "summary.json")) as f:
+                bench = json.load(f)["bench"]
+            if bench not in caches:
+                caches.update(train.moa_data(cfg, ctx, [bench]))
+            evaluate_moa_run(r, ast, caches[bench], ctx, force=force)
+        if runs:
+            moa_compare(out_dir, sorted(runs), ablation=ablation)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     force = "--force" in argv
@@ -549,6 +577,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for p in paths:
         if not os.path.isdir(p):
             raise SystemExit(f"{p}: no such folder")
+        if os.path.exists(os.path.join(p, "ast")) and os.path.exists(os.path.join(p, "config.json")):
+            moa_main(p, force)                                                   # a `train.py moa` folder
+            continue
         if os.path.exists(os.path.join(p, "summary.json")):                          # one run
             evaluate_run(p, force=True)
             continue
