@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import encoder as enc
-import eval as E
 import train
 
 # A microscopic Soft-MoA configuration: pre-training and every method, in seconds.
