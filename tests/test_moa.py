@@ -4,10 +4,13 @@ test accuracy against one clip at a time, the cosine schedule by hand."""
 import json
 import math
 import os
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import encoder as enc
 import train
 
@@ -175,3 +178,54 @@ def test_ablation_keeps_the_parameter_budget(tmp_path, moa_run):
 def test_moa_cli_rejects_bad_options_by_name(argv, message):
     with pytest.raises(SystemExit, match=message):
         train.parse_args(argv)
+
+
+def _tone(freq, seconds=0.5, sr=16000):
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _run_on_data_dir(root, out, moa_run):
+    os.makedirs(out)
+    os.symlink(os.path.join(moa_run, "ast"), os.path.join(out, "ast"))         # reuse the pre-trained AST
+    train.main(["moa", f"--out_dir={out}", f"--data_dir={root}", "--methods=soft-pfeiffer,linear", "--seeds=2",
+                "--max_seconds=0.5", *MOA_MICRO])
+    table = open(os.path.join(out, "moa.md")).read()
+    assert "| soft-pfeiffer |" in table and "| linear |" in table
+    return {seed: json.load(open(os.path.join(out, "data", f"soft-pfeiffer-s{seed}", "eval.json")))
+            for seed in (0, 1)}
+
+
+def test_moa_on_an_esc50_layout_cross_validates_over_its_folds(tmp_path, moa_run):
+    # Fold k holds k + 1 clips per class, so the test-set size names the fold each seed tested on.
+    root = tmp_path / "ESC-50"
+    (root / "meta").mkdir(parents=True)
+    (root / "audio").mkdir()
+    rows = []
+    for fold in range(1, 6):
+        for c, (category, freq) in enumerate((("dog", 300.0), ("rain", 2000.0))):
+            for i in range(fold + 1):
+                fn = f"{fold}-{category}-{i}.wav"
+                data.write_wav(str(root / "audio" / fn), _tone(freq * (1 + 0.05 * i)), 16000)
+                rows.append(f"{fn},{fold},{c},{category},False,{100 * fold + i},A\n")
+    (root / "meta" / "esc50.csv").write_text("filename,fold,target,category,esc10,src_file,take\n" + "".join(rows))
+    evals = _run_on_data_dir(str(root), str(tmp_path / "out"), moa_run)
+    # seed 0 tests on fold1 (2 per class), seed 1 on fold2 (3 per class); valid is the next fold.
+    assert evals[0]["n_test"] == 2 * 2 and evals[1]["n_test"] == 2 * 3
+    assert set(evals[0]["per_class"]) == {"dog", "rain"}
+
+
+def test_moa_on_a_folder_per_class_corpus_splits_by_file_name_hash(tmp_path, moa_run):
+    root = tmp_path / "sounds"
+    names = {}
+    for c, freq in (("bell", 500.0), ("hum", 120.0), ("hiss", 3000.0)):
+        (root / c).mkdir(parents=True)
+        names[c] = [f"{c}{i}.wav" for i in range(12)]
+        for i, fn in enumerate(names[c]):
+            data.write_wav(str(root / c / fn), _tone(freq * (1 + 0.03 * i)), 16000)
+    # The split rule, by hand: crc32(file name) % 10 == 0 -> test, == 1 -> valid, else train.
+    n_test = sum(zlib.crc32(fn.encode()) % 10 == 0 for fns in names.values() for fn in fns)
+    assert n_test > 0
+    evals = _run_on_data_dir(str(root), str(tmp_path / "out"), moa_run)
+    assert evals[0]["n_test"] == evals[1]["n_test"] == n_test      # no folds: the split ignores the seed
+    assert set(evals[0]["per_class"]) <= {"bell", "hum", "hiss"}
