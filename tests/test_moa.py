@@ -229,3 +229,49 @@ def test_moa_on_a_folder_per_class_corpus_splits_by_file_name_hash(tmp_path, moa
     evals = _run_on_data_dir(str(root), str(tmp_path / "out"), moa_run)
     assert evals[0]["n_test"] == evals[1]["n_test"] == n_test      # no folds: the split ignores the seed
     assert set(evals[0]["per_class"]) <= {"bell", "hum", "hiss"}
+
+
+def _hf_ast_folder(path, max_length=64):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    cfg = transformers.ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 max_length=max_length, num_mel_bins=32, num_labels=5)
+    hf = transformers.ASTForAudioClassification(cfg).eval()
+    with torch.no_grad():  # transformers initialises these to zero; random values test their wiring
+        emb = hf.audio_spectrogram_transformer.embeddings
+        for prm in (emb.cls_token, emb.distillation_token, emb.position_embeddings):
+            prm.normal_()
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.mark.parametrize("method", ["soft-houlsby", "dense-pfeiffer", "linear"])
+def test_a_real_ast_checkpoint_is_the_frozen_backbone(tmp_path, method):
+    """--ast_checkpoint with a transformers AST: every method starts as that AST (zero-init
+    up-projections), its AudioSet classifier dropped for the new head."""
+    hf = _hf_ast_folder(tmp_path / "hub")
+    cfg = train.parse_args(["moa", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=32", *MOA_MICRO])[1]
+    ast = train.stage_ast(cfg, train.Ctx(torch.device("cpu")), resume=False)
+    assert (ast["mean"], ast["std"]) == (enc.AST_MEAN, enc.AST_STD)
+    assert not any(k.startswith("head.") for k in ast["model"])
+    model, trainable = train.build_peft_model(ast, method, n_classes=3, frames=64, r=2, n_experts=3, slots=1)
+    assert trainable and all(k.startswith("head.") or ".adapters." in k or "norm" in k for k in trainable)
+    x = torch.randn(2, 64, 32)
+    with torch.no_grad():
+        ref = hf.audio_spectrogram_transformer(x).last_hidden_state
+        torch.testing.assert_close(model.eval()(x).tokens, ref, rtol=0, atol=1e-5)
+
+
+def test_moa_with_a_real_ast_checkpoint_skips_pre_training(tmp_path):
+    _hf_ast_folder(tmp_path / "hub")
+    out = tmp_path / "out"
+    # Speech-Commands-like clips are 1 s (98 frames), longer than the checkpoint's 64: its
+    # position table is resized, as load_ast does for AST-Base on other clip lengths.
+    train.main(["moa", f"--out_dir={out}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=32",
+                "--benchmarks=speechcommands", "--methods=soft-pfeiffer", "--seeds=1", *MOA_MICRO])
+    assert not (out / "ast").exists()
+    assert json.load(open(out / "speechcommands" / "soft-pfeiffer-s0" / "eval.json"))["n_test"] > 0
+    with pytest.raises(SystemExit, match="takes 32 mel bins but --n_mels=16; set --n_mels=32"):
+        train.main(["moa", f"--out_dir={tmp_path / 'out2'}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=16",
+                    "--benchmarks=speechcommands", *MOA_MICRO])
