@@ -1204,7 +1204,7 @@ class MoAConfig:
 
     @classmethod
     def paper(cls, **kw) -> "MoAConfig":
-        """AST-Base from --ast_checkpoint (AudioSet-pretrained), 128 mel bins, r = d / 128 = 6,
+        """AST-Base from --ast_checkpoint (required; AudioSet-pretrained), 128 mel bins, r = d / 128 = 6,
         7 adapters of 1 slot; pass --data_dir for the real benchmark."""
         return cls(**{**dict(out_dir="runs/moa-paper", n_mels=128, r=6, epochs=50, batch=32), **kw})
 
@@ -1212,9 +1212,14 @@ class MoAConfig:
 def parse_moa_args(preset: str, rest: Sequence[str]) -> MoAConfig:
     base = getattr(MoAConfig, preset)()
     try:
-        return dataclasses.replace(base, **data.parse_overrides(base, rest))
+        cfg = dataclasses.replace(base, **data.parse_overrides(base, rest))
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if preset == "paper" and not cfg.ast_checkpoint:
+        # Its AST fields keep the tiny defaults: pre-training them would not give AST-Base.
+        raise SystemExit("--config=paper fine-tunes AudioSet-pretrained AST-Base: pass --ast_checkpoint=PATH "
+                         "(a transformers AST folder or state dict; nothing is downloaded)")
+    return cfg
 
 
 class _Fbank(torch.utils.data.Dataset):

@@ -174,6 +174,7 @@ def test_ablation_keeps_the_parameter_budget(tmp_path, moa_run):
     (["moa", "--methods=soft,dense"], "unknown method 'soft'"),
     (["moa-ablate", "--ablate_experts=5"], "do not divide ablate_budget=24"),
     (["moa", "--lora_rank=2"], "lora_rank"),
+    (["moa", "--config=paper"], "pass --ast_checkpoint=PATH"),
 ])
 def test_moa_cli_rejects_bad_options_by_name(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -272,6 +273,8 @@ def test_moa_with_a_real_ast_checkpoint_skips_pre_training(tmp_path):
                 "--benchmarks=speechcommands", "--methods=soft-pfeiffer", "--seeds=1", *MOA_MICRO])
     assert not (out / "ast").exists()
     assert json.load(open(out / "speechcommands" / "soft-pfeiffer-s0" / "eval.json"))["n_test"] > 0
+    paper = train.parse_args(["moa", "--config=paper", f"--ast_checkpoint={tmp_path / 'hub'}"])[1]
+    assert (paper.n_mels, paper.r, paper.n_experts, paper.slots) == (128, 6, 7, 1)   # papers.md, Soft-MoA defaults
     with pytest.raises(SystemExit, match="takes 32 mel bins but --n_mels=16; set --n_mels=32"):
         train.main(["moa", f"--out_dir={tmp_path / 'out2'}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=16",
                     "--benchmarks=speechcommands", *MOA_MICRO])
