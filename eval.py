@@ -567,6 +567,19 @@ def moa_main(out_dir: str, force: bool) -> None:
             moa_compare(out_dir, sorted(runs), ablation=ablation)
 
 
+def _moa_out_dir(path: str) -> Optional[str]:
+    """The `train.py moa` folder that `path` is or lies in (its config.json is a MoAConfig's; an
+    --ast_checkpoint folder has no ast/ to go by), else None."""
+    p = os.path.abspath(path)
+    for _ in range(4):                                  # OUT, OUT/bench/run, OUT/ablate/bench/run
+        cfg = os.path.join(p, "config.json")
+        if os.path.exists(cfg):
+            with open(cfg) as f:
+                return p if {"ablate_budget", "bench_clips"} <= set(json.load(f)) else None
+        p = os.path.dirname(p)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     force = "--force" in argv
@@ -577,8 +590,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for p in paths:
         if not os.path.isdir(p):
             raise SystemExit(f"{p}: no such folder")
-        if os.path.exists(os.path.join(p, "ast")) and os.path.exists(os.path.join(p, "config.json")):
-            moa_main(p, force)                                                   # a `train.py moa` folder
+        moa = _moa_out_dir(p)
+        if moa is not None:                                # a `train.py moa` folder, or a run inside one
+            if moa != os.path.abspath(p):
+                print(f"{p} is a Soft-MoA run: scoring its folder {moa}")
+            moa_main(moa, force)
             continue
         if os.path.exists(os.path.join(p, "summary.json")):                          # one run
             evaluate_run(p, force=True)

@@ -299,9 +299,10 @@ def load(path: str):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def check_same_config(path: str, want: dict, what: str) -> None:
-    """A finished stage is reused only if it was made with the same settings."""
-    have = load(path)["stage_config"]
+def check_same_config(path: str, want: dict, what: str, have: Optional[dict] = None) -> None:
+    """A finished stage (or a partial one, on --resume) is reused only if it was made with the
+    same settings."""
+    have = load(path)["stage_config"] if have is None else have
     diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if diff:
         changes = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in diff[:6])
@@ -354,14 +355,16 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
         resume: bool, seed: int, n_items: Optional[int], state: Callable[[], dict], load_state: Callable[[dict], None],
         validate: Optional[Callable[[], float]] = None, eval_every: int = 0, log_every: int = 50,
         snapshot_steps: Sequence[int] = (), snapshot: Optional[Callable[[], dict]] = None,
-        tokens_per_item: float = 1.0, verbose: bool = True) -> dict:
+        tokens_per_item: float = 1.0, verbose: bool = True, settings: Optional[dict] = None) -> dict:
     """Train `model`'s trainable parameters; checkpoints, logs and metrics go to run_dir.
 
     step_loss(model, step, idx) -> (loss, logged): idx are this process's items of the step's
     global batch (batch_indices over n_items; n_items None: an endless stream, idx are the
     positions 0..G-1 inside the step's global batch); loss must be scaled so that DDP's gradient *average* over the processes is the
     gradient of the global-batch loss (see AdapterStep). state()/load_state(d) save and restore
-    what the stage trains. verbose False: no log lines (many short runs). Returns a summary dict.
+    what the stage trains. verbose False: no log lines (many short runs). settings: what defines
+    the run, kept in last.pt; --resume refuses a last.pt made with other settings. Returns a
+    summary dict.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if s.batch % ctx.world:
@@ -374,12 +377,21 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
     start, best, best_step, elapsed = 0, math.inf, -1, 0.0
     if resume and os.path.exists(last):
         ck = load(last)
+        if settings is not None:
+            check_same_config(last, settings, f"partial {name} run", have=ck.get("settings", {}))
         load_state(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start, best, best_step, elapsed = ck["step"], ck["best"], ck["best_step"], ck["elapsed"]
         torch.set_rng_state(ck["rng"])
         if ctx.main:
             print(f"{name}: resuming at step {start} from {last}")
+            # Steps logged after that checkpoint are trained again: keep one record per step.
+            kept = []
+            if os.path.exists(metrics_path):
+                with open(metrics_path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
     elif ctx.main:
         os.makedirs(run_dir, exist_ok=True)
         open(metrics_path, "w").close()
@@ -393,7 +405,7 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
 
     def checkpoint(step):
         save_atomic(dict(model=state(), optimizer=opt.state_dict(), step=step, best=best,
-                         best_step=best_step, elapsed=elapsed, rng=torch.get_rng_state()), last)
+                         best_step=best_step, elapsed=elapsed, rng=torch.get_rng_state(), settings=settings), last)
 
     bar = tqdm(range(start, s.steps), desc=name, disable=not ctx.main or not sys.stderr.isatty(), leave=False,
                dynamic_ncols=True, mininterval=1.0)
@@ -423,7 +435,7 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
         if ctx.main and snapshot is not None and done in snapshot_steps:
             save_atomic(snapshot(), os.path.join(run_dir, "snapshots", f"step{done}.pt"))
         if ctx.main:
-            record["ms_per_step"] = 1e3 * elapsed / (done - start if start else done)
+            record["ms_per_step"] = 1e3 * elapsed / done          # elapsed counts every step, resumed too
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if verbose and (done % log_every == 0 or done == s.steps or "valid_loss" in record):
@@ -431,7 +443,7 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
                 valid = f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
                 tqdm.write(f"{name} step {done:5d} | {shown} | lr {lr:.2e} grad {float(grad_norm):.2f} "
                            f"| {record['ms_per_step']:.0f} ms/step "
-                           f"{s.batch * tokens_per_item / (elapsed / (done - start or 1)):,.0f} tok/s{valid}")
+                           f"{s.batch * tokens_per_item / (elapsed / done):,.0f} tok/s{valid}")
             if done % max(eval_every or log_every, 1) == 0 or done == s.steps:
                 checkpoint(done)
     bar.close()
@@ -684,7 +696,7 @@ def stage_encoder(cfg: TrainConfig, mels: dict, ctx: Ctx, resume: bool) -> enc.W
             return loss, dict(mse=float(global_sum(err.detach(), ctx) / n_all.clamp(min=1)))
         summary = fit("encoder", model, step_loss, s, ctx, run_dir, resume, cfg.data_seed, len(train_mels),
                       state=model.state_dict, load_state=model.load_state_dict,
-                      tokens_per_item=train_mels.n_frames / 2)
+                      tokens_per_item=train_mels.n_frames / 2, settings=want)
         if ctx.main:
             save_atomic(dict(stage_config=want, config=asdict(ecfg), model=model.encoder.state_dict(),
                              summary=summary), final)
@@ -869,7 +881,8 @@ def stage_llm(cfg: TrainConfig, choices: Dict[str, List[str]], ctx: Ctx, resume:
             n_all = global_sum(n, ctx)
             return ce * ctx.world / n_all, dict(ce=float(global_sum(ce.detach(), ctx) / n_all))
         summary = fit("llm", model, step_loss, s, ctx, run_dir, resume, cfg.data_seed, None,
-                      state=model.state_dict, load_state=model.load_state_dict, tokens_per_item=20)
+                      state=model.state_dict, load_state=model.load_state_dict, tokens_per_item=20,
+                      settings=want)
         if ctx.main:
             summary["text_accuracy"] = text_accuracy(model, tok, choices, cfg.prompt, cfg.max_facts, ctx)
             print(f"llm: held-out text question accuracy {summary['text_accuracy']:.3f}")
@@ -962,10 +975,10 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
     """Train one adapter (plus LoRA if asked) on the frozen encoder features and the frozen LLM."""
     run_dir = os.path.join(cfg.out_dir, run_name(kind, seed))
     done_path = os.path.join(run_dir, "summary.json")
+    want = asdict(cfg) | dict(adapter=kind, seed=seed)
     if os.path.exists(done_path):
         with open(done_path) as f:
             summary = json.load(f)
-        want = asdict(cfg) | dict(adapter=kind, seed=seed)
         keys = [k for k in want if k not in RUN_CONTROL and summary["config"].get(k) != want[k]]
         if keys:
             raise SystemExit(f"{run_dir} was trained with other settings ({', '.join(keys[:6])}); use "
@@ -1046,7 +1059,8 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
     tokens = train.clip_features(train.clip.unique()[:16], "cpu")[1].sum(1).float().mean().item() / cfg.stack + 12
     summary = fit(f"{kind} s{seed}", step_model, step_loss, s, ctx, run_dir, resume, seed, len(train),
                   state=trained_state, load_state=load_trained, validate=validate, eval_every=cfg.eval_every,
-                  log_every=cfg.log_every, snapshot_steps=snaps, snapshot=trained_state, tokens_per_item=tokens)
+                  log_every=cfg.log_every, snapshot_steps=snaps, snapshot=trained_state, tokens_per_item=tokens,
+                  settings={k: v for k, v in want.items() if k not in RUN_CONTROL})
     summary.update(kind=kind, seed=seed, params=n_params, adapter_config=asdict(acfg),
                    config=asdict(cfg) | dict(adapter=kind, seed=seed),
                    ms_per_step=1e3 * summary["seconds"] / cfg.steps)
@@ -1380,7 +1394,7 @@ def stage_ast(cfg: MoAConfig, ctx: Ctx, resume: bool) -> dict:
             return tot / len(valid)
         summary = fit("ast", model, step_loss, s, ctx, run_dir, resume, 0, len(train), state=model.state_dict,
                       load_state=model.load_state_dict, validate=validate, eval_every=max(s.steps // 4, 1),
-                      log_every=max(s.steps // 8, 1), tokens_per_item=acfg.n_tokens)
+                      log_every=max(s.steps // 8, 1), tokens_per_item=acfg.n_tokens, settings=want)
         if ctx.main:
             best = load(os.path.join(run_dir, "best.pt"))
             backbone = {k: v for k, v in best.items() if not k.startswith("head.")}
@@ -1437,11 +1451,12 @@ def peft_run(cfg: MoAConfig, ast: dict, bench: str, cache: dict, method: str, se
     """Fine-tune one method on one benchmark for one seed; eval.py scores best.pt on the test role."""
     done_path = os.path.join(run_dir, "summary.json")
     want = dict(asdict(cfg), bench=bench, method=method, seed=seed, r=r, n_experts=n_experts, slots=slots)
+    control = RUN_CONTROL + ("benchmarks", "methods", "ablate_experts", "ablate_slots", "ablate_benchmark",
+                             "ablate_budget")       # which runs to make, not how one is made
     if os.path.exists(done_path):
         with open(done_path) as f:
             summary = json.load(f)
-        keys = [k for k in want if k not in RUN_CONTROL + ("benchmarks", "methods", "ablate_experts",
-                "ablate_slots", "ablate_benchmark", "ablate_budget") and summary["config"].get(k) != want[k]]
+        keys = [k for k in want if k not in control and summary["config"].get(k) != want[k]]
         if keys:
             raise SystemExit(f"{run_dir} was trained with other settings ({', '.join(keys[:6])}); use "
                              f"another --out_dir, or delete it to retrain")
@@ -1484,7 +1499,8 @@ def peft_run(cfg: MoAConfig, ast: dict, bench: str, cache: dict, method: str, se
     steps_per_epoch = len(train) // cfg.batch
     summary = fit(f"{bench} {method} s{seed}", model, step_loss, s, ctx, run_dir, resume, seed, len(train),
                   state=state, load_state=load_state, validate=validate, eval_every=steps_per_epoch,
-                  verbose=False, tokens_per_item=float(model.cfg.n_tokens))
+                  verbose=False, tokens_per_item=float(model.cfg.n_tokens),
+                  settings={k: v for k, v in want.items() if k not in control})
     m_tokens = 2 + model.cfg.grid[0] * ((frames - model.cfg.patch) // model.cfg.time_stride + 1)
     summary.update(bench=bench, method=method, seed=seed, config=want, trainable=len(trainable),
                    params=sum(p.numel() for p in model.parameters() if p.requires_grad),

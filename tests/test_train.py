@@ -88,11 +88,20 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
         train.main(["adapter", f"--out_dir={cut}", *MICRO])
     assert _tensors(os.path.join(cut, "moe-s0", "last.pt"), None)["step"] == 3     # the last checkpoint
     monkeypatch.setattr(train, "lr_at", real_lr_at)
+    # A partial run continues only with the settings it was started with.
+    with pytest.raises(SystemExit, match=r"partial moe s0 run made with other settings \(lr: "):
+        train.main(["adapter", "--resume", f"--out_dir={cut}", *MICRO, "--lr=0.5"])
     train.main(["adapter", "--resume", f"--out_dir={cut}", *MICRO])
     a = _tensors(os.path.join(full, "moe-s0", "last.pt"), "model")["adapter"]
     b = _tensors(os.path.join(cut, "moe-s0", "last.pt"), "model")["adapter"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # Step 4 was logged before the crash and trained again: one record per step. The last record's
+    # time per step covers all 6 steps, the 3 before the resume too.
+    records = [json.loads(line) for line in open(os.path.join(cut, "moe-s0", "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    summary = json.load(open(os.path.join(cut, "moe-s0", "summary.json")))
+    assert records[-1]["ms_per_step"] == pytest.approx(1e3 * summary["seconds"] / 6)
 
 
 def test_each_lora_run_of_all_starts_from_the_base_llm_as_when_run_alone(tmp_path):
