@@ -1137,10 +1137,14 @@ MOA_METHODS = {"linear": ("none", "single"), "full": ("none", "single"),
 
 
 def _ints(text: str, name: str) -> List[int]:
+    """Comma-separated integers >= 1, at least one."""
     try:
-        return [int(v) for v in text.split(",") if v]
+        out = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+        out = []
+    if not out or min(out) < 1:
+        raise ValueError(f"{name} must be comma-separated integers >= 1, got {text!r}")
+    return out
 
 
 @dataclass
@@ -1151,13 +1155,13 @@ class MoAConfig:
     seeds: int = 3                  # fold benchmarks: seed i tests on fold i+1 (cross-validation)
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False           # unused by part 2; kept so every config reads alike
+    compile: bool = False           # torch.compile the fine-tuning step's model
     workers: int = 2
     evaluate: bool = True
     data_dir: str = ""              # a real corpus (any layout data.py reads) instead of the benchmarks
     data_label: str = "event"       # data_dir with one folder per class: what the folders name
     bench_clips: int = 1000         # clips of each synthetic benchmark (all folds / splits)
-    max_seconds: float = 0.0        # crop / pad to this; 0: the synthetic clip length, or 5 s of real audio
+    max_seconds: float = 0.0        # crop / pad to this; 0: the benchmark's clip length (folder per class: 5 s)
     # the AST and its pre-training on AudioSet-like scenes (multi-label, binary cross-entropy)
     ast_checkpoint: str = ""        # a real AST (encoder.load_ast) or our ast.pt: skips pre-training
     ast_d: int = 64
@@ -1202,7 +1206,7 @@ class MoAConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for n in _ints(self.ablate_experts, "ablate_experts"):
-            if n < 1 or self.ablate_budget % n:
+            if self.ablate_budget % n:
                 raise ValueError(f"ablate_experts: {n} adapters do not divide ablate_budget={self.ablate_budget}")
         _ints(self.ablate_slots, "ablate_slots")
 
@@ -1251,6 +1255,9 @@ class _Fbank(torch.utils.data.Dataset):
     def __getitem__(self, j):
         clip = self.source[j]
         wave = data._audio_tensor(clip, self.seconds)
+        # A clip shorter than one AST patch (16 frames, 0.175 s; a few real UrbanSound8K slices) is
+        # zero-padded to it, so it is never masked empty; AST's own recipe zero-pads every clip.
+        wave = F.pad(wave, (0, max(400 + 15 * 160 - len(wave), 0)))
         frames = 1 + (int(self.seconds * data.SAMPLE_RATE) - 400) // 160
         fb, n = enc.kaldi_fbank(wave[None], n_mels=self.n_mels)                 # (1, T', F)
         fb = F.pad(fb[0], (0, 0, 0, max(frames - fb.shape[1], 0)))[:frames]      # (T, F)
@@ -1342,18 +1349,23 @@ def ast_config(cfg: MoAConfig, frames: int, **kw) -> enc.ASTConfig:
 def stage_ast(cfg: MoAConfig, ctx: Ctx, resume: bool) -> dict:
     """Pre-train (or load) the AST: {config, backbone state dict, fbank mean, std, summary}."""
     if cfg.ast_checkpoint:
-        if cfg.ast_checkpoint.endswith(".pt") and "stage_config" in load(cfg.ast_checkpoint):
-            return load(cfg.ast_checkpoint)
-        model, report = enc.load_ast(cfg.ast_checkpoint)
-        if ctx.main:
-            print(report)
-        if model.cfg.num_mel_bins != cfg.n_mels:
-            raise SystemExit(f"{cfg.ast_checkpoint}: the AST takes {model.cfg.num_mel_bins} mel bins but "
-                             f"--n_mels={cfg.n_mels}; set --n_mels={model.cfg.num_mel_bins}")
-        sd = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-        c = {k: v for k, v in asdict(model.cfg).items() if k in ("d", "n_layers", "n_heads", "d_ff",
-             "num_mel_bins", "max_length", "patch", "freq_stride", "time_stride", "norm_eps", "qkv_bias")}
-        return dict(config=c, model=sd, mean=enc.AST_MEAN, std=enc.AST_STD)
+        if not os.path.exists(cfg.ast_checkpoint):
+            raise SystemExit(f"--ast_checkpoint={cfg.ast_checkpoint}: no such file or folder")
+        ours = load(cfg.ast_checkpoint) if cfg.ast_checkpoint.endswith(".pt") else None
+        if isinstance(ours, dict) and "stage_config" in ours:            # an ast.pt of an earlier run
+            out = ours
+        else:
+            model, report = enc.load_ast(cfg.ast_checkpoint)
+            if ctx.main:
+                print(report)
+            sd = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+            c = {k: v for k, v in asdict(model.cfg).items() if k in ("d", "n_layers", "n_heads", "d_ff",
+                 "num_mel_bins", "max_length", "patch", "freq_stride", "time_stride", "norm_eps", "qkv_bias")}
+            out = dict(config=c, model=sd, mean=enc.AST_MEAN, std=enc.AST_STD)
+        if out["config"]["num_mel_bins"] != cfg.n_mels:
+            raise SystemExit(f"{cfg.ast_checkpoint}: the AST takes {out['config']['num_mel_bins']} mel bins but "
+                             f"--n_mels={cfg.n_mels}; set --n_mels={out['config']['num_mel_bins']}")
+        return out
     run_dir = os.path.join(cfg.out_dir, "ast")
     final = os.path.join(run_dir, "ast.pt")
     frames = 1 + (int(cfg.pre_seconds * data.SAMPLE_RATE) - 400) // 160
@@ -1497,7 +1509,8 @@ def peft_run(cfg: MoAConfig, ast: dict, bench: str, cache: dict, method: str, se
                 tot += float(F.cross_entropy(model(x, mask).logits.float(), y, reduction="sum"))
         return tot / len(valid)
     steps_per_epoch = len(train) // cfg.batch
-    summary = fit(f"{bench} {method} s{seed}", model, step_loss, s, ctx, run_dir, resume, seed, len(train),
+    step_model = torch.compile(model) if cfg.compile else model
+    summary = fit(f"{bench} {method} s{seed}", step_model, step_loss, s, ctx, run_dir, resume, seed, len(train),
                   state=state, load_state=load_state, validate=validate, eval_every=steps_per_epoch,
                   verbose=False, tokens_per_item=float(model.cfg.n_tokens),
                   settings={k: v for k, v in want.items() if k not in control})
@@ -1541,8 +1554,8 @@ def moa_main(command: str, cfg: MoAConfig, ctx: Ctx, resume: bool) -> List[str]:
     ablate = command == "moa-ablate"
     caches = moa_data(cfg, ctx, [cfg.ablate_benchmark] if ablate else cfg.benchmarks.split(","))
     if ablate:
-        ns = _ints(cfg.ablate_experts, "ablate_experts")
-        n_mid = ns[len(ns) // 2]
+        ns = sorted(_ints(cfg.ablate_experts, "ablate_experts"))
+        n_mid = ns[len(ns) // 2]                       # the slots sweep runs at the middle adapter count
         grid = [(f"{kind}-pfeiffer", n, cfg.ablate_budget // n, 1) for kind in ("soft", "dense") for n in ns]
         grid += [("soft-pfeiffer", n_mid, cfg.ablate_budget // n_mid, p) for p in _ints(cfg.ablate_slots, "ablate_slots")]
         plan = [(bench, method, seed, os.path.join(cfg.out_dir, "ablate", bench, f"{method}-n{n}-r{r}-p{p}-s{seed}"),

@@ -176,6 +176,9 @@ def test_ablation_keeps_the_parameter_budget(tmp_path, moa_run):
     (["moa-ablate", "--ablate_experts=5"], "do not divide ablate_budget=24"),
     (["moa", "--lora_rank=2"], "lora_rank"),
     (["moa", "--config=paper"], "pass --ast_checkpoint=PATH"),
+    (["moa-ablate", "--ablate_experts=0,2"], "ablate_experts must be comma-separated integers >= 1, got '0,2'"),
+    (["moa-ablate", "--ablate_slots=1,x"], "ablate_slots must be comma-separated integers >= 1"),
+    (["moa-ablate", "--ablate_slots=,"], "ablate_slots must be comma-separated integers >= 1"),
 ])
 def test_moa_cli_rejects_bad_options_by_name(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -225,6 +228,9 @@ def test_moa_on_a_folder_per_class_corpus_splits_by_file_name_hash(tmp_path, moa
         names[c] = [f"{c}{i}.wav" for i in range(12)]
         for i, fn in enumerate(names[c]):
             data.write_wav(str(root / c / fn), _tone(freq * (1 + 0.03 * i)), 16000)
+    # Shorter than one 25 ms window: padded to one AST patch, not an error deep in training.
+    data.write_wav(str(root / "bell" / "click.wav"), _tone(500.0, seconds=0.02), 16000)
+    names["bell"].append("click.wav")
     # The split rule, by hand: crc32(file name) % 10 == 0 -> test, == 1 -> valid, else train.
     n_test = sum(zlib.crc32(fn.encode()) % 10 == 0 for fns in names.values() for fn in fns)
     assert n_test > 0
@@ -286,3 +292,16 @@ def test_moa_with_a_real_ast_checkpoint_skips_pre_training(tmp_path):
     with pytest.raises(SystemExit, match="takes 32 mel bins but --n_mels=16; set --n_mels=32"):
         train.main(["moa", f"--out_dir={tmp_path / 'out2'}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=16",
                     "--benchmarks=speechcommands", *MOA_MICRO])
+
+
+def test_ast_checkpoint_errors_name_the_file_and_the_fix(tmp_path, moa_run):
+    ctx = train.Ctx(torch.device("cpu"))
+    ours = os.path.join(moa_run, "ast", "ast.pt")                # our own pre-trained AST, 64 mel bins
+    cfg = train.parse_args(["moa", f"--ast_checkpoint={ours}"])[1]
+    assert train.stage_ast(cfg, ctx, resume=False)["config"]["num_mel_bins"] == 64
+    cfg = train.parse_args(["moa", f"--ast_checkpoint={ours}", "--n_mels=128"])[1]
+    with pytest.raises(SystemExit, match=r"ast.pt: the AST takes 64 mel bins but --n_mels=128; set --n_mels=64"):
+        train.stage_ast(cfg, ctx, resume=False)
+    cfg = train.parse_args(["moa", f"--ast_checkpoint={tmp_path / 'nope.pt'}"])[1]
+    with pytest.raises(SystemExit, match=r"nope.pt: no such file or folder"):
+        train.stage_ast(cfg, ctx, resume=False)
