@@ -385,8 +385,9 @@ def plot_curves(out_dir: str, run_dirs: Sequence[str]) -> Optional[str]:
 # Part 2: Soft-MoA fine-tuning of a frozen AST (Cappellazzo et al., arXiv 2402.00828)
 #
 # Per run (eval.json): test accuracy of best.pt (lowest validation loss), accuracy per class, and
-# for each mixture (block i, beside "attn" or "ffn"): the mean share of each class's tokens given
-# to each adapter (the paper's Fig. 3, expert usage per class) and each adapter's contribution,
+# for each mixture (block i, beside "attn" or "ffn"): each adapter's share of a clip's tokens,
+# averaged over the tokens of a clip and then over the clips of a class, so every clip counts once
+# (the paper's Fig. 3, expert usage per class), and each adapter's contribution,
 # the mean norm of its part of the mixture output over the test tokens (Fig. 2 right: are all
 # adapters used?). moa_compare writes the paper-like table (moa.md / moa.json, or ablation.md).
 

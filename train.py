@@ -1112,7 +1112,7 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
 #
 #   python train.py moa           # pre-train a tiny AST (multi-label, AudioSet-like), then every
 #                                 # method x benchmark x seed, then eval.py's table and analyses
-#   python train.py moa-ablate    # adapters at a fixed parameter budget, slots per adapter
+#   python train.py moa-ablate    # adapters at a fixed N x r budget, slots per adapter
 #
 # The AST is pre-trained once on the multi-label AudioSet-like scenes and frozen; each benchmark
 # run trains only what the paper trains (soft_moa.mark_trainable: the mixtures, the LayerNorm that
@@ -1425,6 +1425,8 @@ def build_peft_model(ast: dict, method: str, n_classes: int, frames: int, r: int
     placement, kind = MOA_METHODS[method]
     c = dict(ast["config"])
     grid_src = enc.ASTConfig(**c).grid
+    # Deviation: shorter clips use the first time columns of the position table (AST's recipe
+    # zero-pads every clip to the table's length); longer ones get the table interpolated.
     c["max_length"] = max(c["max_length"], frames)
     acfg = enc.ASTConfig(**c, placement=placement, adapter_kind=kind, r=r, n_experts=n_experts,
                          slots_per_expert=slots, n_classes=n_classes, head_pool="mean")
@@ -1480,6 +1482,8 @@ def peft_run(cfg: MoAConfig, ast: dict, bench: str, cache: dict, method: str, se
     model, trainable = build_peft_model(ast, method, len(cache["classes"]), frames, r, n_experts, slots)
     model.to(ctx.device)
     steps = cfg.epochs * (len(train) // cfg.batch)
+    # The paper's AdamW and cosine schedule; weight decay on every trainable tensor (the paper names
+    # no exception). Deviation: gradients clipped to norm 1, as in part 1 (Schedule.grad_clip).
     s = Schedule(steps, cfg.batch, cfg.full_lr if method == "full" else cfg.lr, warmup=0, shape="cosine",
                  weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     wanted = set(trainable)
@@ -1545,7 +1549,7 @@ def moa_data(cfg: MoAConfig, ctx: Ctx, names: Sequence[str]) -> Dict[str, dict]:
 
 def moa_main(command: str, cfg: MoAConfig, ctx: Ctx, resume: bool) -> List[str]:
     """`moa`: every method x benchmark x seed, then eval.py's table. `moa-ablate`: on one
-    benchmark, Soft- and Dense-MoA with n adapters of r = budget / n (a fixed parameter budget),
+    benchmark, Soft- and Dense-MoA with n adapters of r = budget / n (fixed adapter weights),
     and Soft-MoA with p slots per adapter. Returns the run folders."""
     if ctx.main:
         os.makedirs(cfg.out_dir, exist_ok=True)
