@@ -377,8 +377,8 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
     start, best, best_step, elapsed = 0, math.inf, -1, 0.0
     if resume and os.path.exists(last):
         ck = load(last)
-        if settings is not None:
-            check_same_config(last, settings, f"partial {name} run", have=ck.get("settings", {}))
+        if settings is not None and ck.get("settings") is not None:      # (older last.pt files hold none)
+            check_same_config(last, settings, f"partial {name} run", have=ck["settings"])
         load_state(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start, best, best_step, elapsed = ck["step"], ck["best"], ck["best_step"], ck["elapsed"]
