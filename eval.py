@@ -180,27 +180,46 @@ def expert_usage(model: train.AudioLLM, d: train.AdapterData, ctx, batch: int = 
     return dict(domain=share(by_domain), task=share(by_task))
 
 
-def heatmap(usage: dict, path: str, title: str) -> Optional[str]:
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None without matplotlib (plots are optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[1, 2]))
-    for ax, key in zip(axes, ("domain", "task")):
-        names = list(usage[key])
-        m = torch.tensor([usage[key][n] for n in names])
-        im = ax.imshow(m, cmap="viridis", vmin=0, aspect="auto")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xticks(range(m.shape[1]), [f"e{e}" for e in range(m.shape[1])])
-        ax.set_title(f"share of {key} token-slots per expert")
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.suptitle(title)
+    return plt
+
+
+def _usage_panel(fig, ax, m: torch.Tensor, rows: List[str], prefix: str, title: str,
+                 row_text: Optional[dict] = None, title_text: Optional[dict] = None) -> None:
+    """One usage heatmap: rows x experts (named prefix0, prefix1, ...), with its colour bar."""
+    im = ax.imshow(m.numpy(), cmap="viridis", vmin=0, aspect="auto")        # numpy: no __array__ warning
+    ax.set_yticks(range(len(rows)), rows, **(row_text or {}))
+    ax.set_xticks(range(m.shape[1]), [f"{prefix}{e}" for e in range(m.shape[1])])
+    ax.set_title(title, **(title_text or {}))
+    fig.colorbar(im, ax=ax, fraction=0.04)
+
+
+def _save(plt, fig, path: str, title: Optional[str] = None) -> str:
+    if title is not None:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def heatmap(usage: dict, path: str, title: str) -> Optional[str]:
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[1, 2]))
+    for ax, key in zip(axes, ("domain", "task")):
+        names = list(usage[key])
+        _usage_panel(fig, ax, torch.tensor([usage[key][n] for n in names]), names, "e",
+                     f"share of {key} token-slots per expert")
+    return _save(plt, fig, path, title)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,11 +371,8 @@ def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None) -> str:
 
 def plot_curves(out_dir: str, run_dirs: Sequence[str]) -> Optional[str]:
     """Training loss and validation loss per run (curves.png), when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colours = {}
@@ -374,11 +390,7 @@ def plot_curves(out_dir: str, run_dirs: Sequence[str]) -> Optional[str]:
         ax.set_xlabel("step")
         ax.set_title(t)
         ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, os.path.join(out_dir, "curves.png"))
 
 
 # ==============================================================================================
@@ -450,27 +462,17 @@ def contribution_shares(results: List[dict]) -> Dict[str, List[List[float]]]:
 
 def usage_heatmaps(results: List[dict], path: str, title: str) -> Optional[str]:
     """Expert usage per class at each run's last mixture, one panel per run (the paper's Fig. 3)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 0.16 * len(results[0]["classes"]) + 2.2),
                              squeeze=False)
     for ax, r in zip(axes[0], results):
         last = sorted(r["usage_by_class"], key=lambda k: (int(k.split(".")[0][5:]), k))[-1]
         m = torch.tensor(r["usage_by_class"][last])                                # (C, n)
-        im = ax.imshow(m, cmap="viridis", vmin=0, aspect="auto")
-        ax.set_yticks(range(len(r["classes"])), r["classes"], fontsize=5 if len(r["classes"]) > 20 else 8)
-        ax.set_xticks(range(m.shape[1]), [f"a{e}" for e in range(m.shape[1])])
-        ax.set_title(f"{r['method']} ({last})", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _usage_panel(fig, ax, m, r["classes"], "a", f"{r['method']} ({last})",
+                     row_text=dict(fontsize=5 if len(r["classes"]) > 20 else 8), title_text=dict(fontsize=9))
+    return _save(plt, fig, path, title)
 
 
 def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -> str:
