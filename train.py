@@ -1341,6 +1341,38 @@ class FbankData:
         return x, (None if bool(mask.all()) else mask), self.y[idx].to(device)
 
 
+def summed_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss summed over the batch: cross-entropy for class indices y (b,); for AudioSet-like
+    multi-hot tags y (b, C), binary cross-entropy averaged over the tags."""
+    if y.dim() == 2:
+        return F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / y.shape[1]
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def fbank_step_loss(data: FbankData, batch: int, ctx: Ctx, key: str) -> Callable:
+    """fit's step_loss on FbankData: the global batch's mean loss, logged as `key`."""
+    def step_loss(m, step, idx):
+        x, mask, y = data.batch(idx, ctx.device)
+        with ctx.autocast():
+            logits = m(x, mask).logits
+        loss = summed_loss(logits, y)
+        return loss * ctx.world / batch, {key: float(global_sum(loss.detach(), ctx)) / batch}
+    return step_loss
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: FbankData, ctx: Ctx, chunk: int) -> float:
+    """Mean loss per clip over all of `data` (validation), `chunk` clips at a time."""
+    model.eval()
+    tot = 0.0
+    for i in range(0, len(data), chunk):
+        x, mask, y = data.batch(torch.arange(i, min(i + chunk, len(data))), ctx.device)
+        with ctx.autocast():
+            logits = model(x, mask).logits
+        tot += float(summed_loss(logits, y))
+    return tot / len(data)
+
+
 def ast_config(cfg: MoAConfig, frames: int, **kw) -> enc.ASTConfig:
     return enc.ASTConfig(d=cfg.ast_d, n_layers=cfg.ast_layers, n_heads=cfg.ast_heads, d_ff=cfg.ast_ff,
                          num_mel_bins=cfg.n_mels, max_length=frames, **kw)
@@ -1386,26 +1418,9 @@ def stage_ast(cfg: MoAConfig, ctx: Ctx, resume: bool) -> dict:
         model = enc.AST(acfg).to(ctx.device)
         s = Schedule(cfg.pre_epochs * (len(train) // cfg.pre_batch), cfg.pre_batch, cfg.pre_lr,
                      warmup=20, weight_decay=0.05)
-
-        def step_loss(m, step, idx):
-            x, mask, y = train.batch(idx, ctx.device)
-            with ctx.autocast():
-                logits = m(x, mask).logits
-            bce = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") / y.shape[1]
-            return bce * ctx.world / s.batch, dict(bce=float(global_sum(bce.detach(), ctx)) / s.batch)
-
-        @torch.no_grad()
-        def validate():
-            model.eval()
-            tot = 0.0
-            for i in range(0, len(valid), 128):
-                x, mask, y = valid.batch(torch.arange(i, min(i + 128, len(valid))), ctx.device)
-                with ctx.autocast():
-                    logits = model(x, mask).logits
-                tot += float(F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum")) / y.shape[1]
-            return tot / len(valid)
-        summary = fit("ast", model, step_loss, s, ctx, run_dir, resume, 0, len(train), state=model.state_dict,
-                      load_state=model.load_state_dict, validate=validate, eval_every=max(s.steps // 4, 1),
+        summary = fit("ast", model, fbank_step_loss(train, s.batch, ctx, "bce"), s, ctx, run_dir, resume, 0,
+                      len(train), state=model.state_dict, load_state=model.load_state_dict,
+                      validate=lambda: mean_loss(model, valid, ctx, 128), eval_every=max(s.steps // 4, 1),
                       log_every=max(s.steps // 8, 1), tokens_per_item=acfg.n_tokens, settings=want)
         if ctx.main:
             best = load(os.path.join(run_dir, "best.pt"))
@@ -1496,26 +1511,11 @@ def peft_run(cfg: MoAConfig, ast: dict, bench: str, cache: dict, method: str, se
         if unexpected or set(sd) != wanted:
             raise SystemExit(f"{run_dir}: checkpoint keys do not match the method's trainable parameters")
 
-    def step_loss(m, step, idx):
-        x, mask, y = train.batch(idx, ctx.device)
-        with ctx.autocast():
-            logits = m(x, mask).logits
-        ce = F.cross_entropy(logits.float(), y, reduction="sum")
-        return ce * ctx.world / s.batch, dict(ce=float(global_sum(ce.detach(), ctx)) / s.batch)
-
-    @torch.no_grad()
-    def validate():
-        model.eval()
-        tot = 0.0
-        for i in range(0, len(valid), 256):
-            x, mask, y = valid.batch(torch.arange(i, min(i + 256, len(valid))), ctx.device)
-            with ctx.autocast():
-                tot += float(F.cross_entropy(model(x, mask).logits.float(), y, reduction="sum"))
-        return tot / len(valid)
     steps_per_epoch = len(train) // cfg.batch
     step_model = torch.compile(model) if cfg.compile else model
-    summary = fit(f"{bench} {method} s{seed}", step_model, step_loss, s, ctx, run_dir, resume, seed, len(train),
-                  state=state, load_state=load_state, validate=validate, eval_every=steps_per_epoch,
+    summary = fit(f"{bench} {method} s{seed}", step_model, fbank_step_loss(train, s.batch, ctx, "ce"), s, ctx,
+                  run_dir, resume, seed, len(train), state=state, load_state=load_state,
+                  validate=lambda: mean_loss(model, valid, ctx, 256), eval_every=steps_per_epoch,
                   verbose=False, tokens_per_item=float(model.cfg.n_tokens),
                   settings={k: v for k, v in want.items() if k not in control})
     m_tokens = 2 + model.cfg.grid[0] * ((frames - model.cfg.patch) // model.cfg.time_stride + 1)
