@@ -21,6 +21,7 @@ training curves are plotted when matplotlib is installed.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -30,7 +31,10 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+import data
 
 import llm as lm
 import soft_moa as sm
@@ -57,21 +61,23 @@ def load_parts(out_dir: str, ctx: Optional[train.Ctx] = None) -> dict:
 
 
 def load_model(run_dir: str, parts: dict, which: str = "best.pt") -> train.AudioLLM:
-    """The run's adapter (and LoRA) from `which` (best.pt, last.pt or snapshots/stepN.pt)."""
+    """The run's adapter and its LLM (fine-tuned weights or LoRA, if the run tuned the LLM) from
+    `which` (best.pt, last.pt or snapshots/stepN.pt). parts["llm"] is left as it is."""
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     from moe_adapter import MoEAdapterConfig
     adapter = build_adapter(summary["kind"], MoEAdapterConfig(**summary["adapter_config"]))
-    llm_model = parts["llm"]
+    llm_model = copy.deepcopy(parts["llm"])
     state = train.load(os.path.join(run_dir, which))
     state = state.get("model", state)                          # last.pt wraps it with the optimiser
     adapter.load_state_dict(state["adapter"])
-    if "lora" in state:
-        if not any(isinstance(m, lm.LoRALinear) for m in llm_model.modules()):
-            lm.add_lora(llm_model, rank=summary["config"]["lora_rank"])
+    if "llm" in state:
+        llm_model.load_state_dict(state["llm"])
+    elif "lora" in state:
+        lm.add_lora(llm_model, rank=summary["config"]["lora_rank"])
         llm_model.load_state_dict(state["lora"], strict=False)
-    device = next(llm_model.parameters()).device
-    return train.AudioLLM(adapter.to(device), llm_model).eval()
+    device = next(parts["llm"].parameters()).device
+    return train.AudioLLM(adapter.to(device), lm.freeze(llm_model).to(device)).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +150,96 @@ def accuracy(items: List[dict], closed: List[int], answers: List[str], tok) -> d
         rows = [r for r in per.values() if g in ("all", r["group"])]
         for m in ("closed", "exact"):
             out[f"{g}_{m}"] = statistics.mean(r[m] for r in rows) if rows else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Floors and ceilings: what a reader compares the adapters against, on the same test questions
+
+
+class TextOnly(nn.Module):
+    """The text ceiling: the pre-trained LLM (never tuned on audio) reads the clip's true label
+    words (train.caption) where the audio would be; called like AudioLLM, the features unused."""
+
+    def __init__(self, llm_model: lm.LLM):
+        super().__init__()
+        self.llm = llm_model
+
+    def forward(self, feats, fmask, prompts, answers=None):
+        b = lm.build_batch(prompts, answers, cfg=self.llm.cfg, device=feats.device)
+        logits, _ = self.llm(b["input_ids"], b["attention_mask"])
+        return logits, b.get("labels"), {}, b
+
+
+def with_facts(items: List[dict]) -> List[dict]:
+    """The same questions, each after the true label words of its clip (the LLM's text format)."""
+    facts: Dict[int, Dict[str, str]] = {}
+    for it in items:
+        facts.setdefault(it["index"], {})[it["task"]] = it["answer"]
+    return [dict(it, question=f"{train.caption(facts[it['index']])}. {it['question']}",
+                 prompt=f"{train.caption(facts[it['index']])}. {it['prompt']}") for it in items]
+
+
+def pooled(parts: dict, split: str, what: str, batch: int = 256) -> torch.Tensor:
+    """(N_clips, d) mean over real frames of every clip of a split: the frozen encoder's features
+    (what the adapter sees) or the log-mel (F bins) that the encoder reads."""
+    out = []
+    n = len(parts["domains"][split])
+    for i0 in range(0, n, batch):
+        j = torch.arange(i0, min(i0 + batch, n))
+        if what == "encoder":
+            x, m = parts[split].clip_features(j, "cpu")                            # (B, T', d), (B, T')
+        else:
+            mel, frames = parts["mels"][split].batch(j)                            # (B, F, T), (B,)
+            x = mel.float().transpose(1, 2)
+            m = torch.arange(x.shape[1])[None, :] < frames[:, None]
+        m = m.float()[..., None]
+        out.append((x.float() * m).sum(1) / m.sum(1).clamp(min=1))
+    return torch.cat(out)
+
+
+def probe(parts: dict, what: str) -> Dict[str, float]:
+    """Test accuracy per task of a logistic regression (data.probe_accuracy) on pooled features,
+    fitted on the train split's clips of that task."""
+    x = {s: pooled(parts, s, what) for s in ("train", "test")}
+    acc = {}
+    for task in sorted({it["task"] for it in parts["test"].items}):
+        xy = {}
+        for s in ("train", "test"):
+            its = [it for it in parts[s].items if it["task"] == task]
+            xy[s] = (x[s][[it["index"] for it in its]], torch.tensor([it["answer_index"] for it in its]))
+        n_classes = len(next(it for it in parts["test"].items if it["task"] == task)["choices"])
+        acc[task] = data.probe_accuracy(xy["train"], xy["test"], n_classes)
+    return acc
+
+
+def macro(per_task: Dict[str, float]) -> dict:
+    """{"tasks": per task, "semantic", "paralinguistic", "all"}: macro averages over tasks."""
+    out = dict(tasks=per_task)
+    for g in GROUPS + ("all",):
+        vals = [a for t, a in per_task.items() if g == "all" or data.TASKS[t].group == g]
+        out[g] = statistics.mean(vals) if vals else math.nan
+    return out
+
+
+def floors(out_dir: str, parts: dict, ctx) -> dict:
+    """chance (1 / answer-set size), the two linear probes and the text ceiling, on the test split;
+    computed once per out_dir (floors.json)."""
+    path = os.path.join(out_dir, "floors.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    test, tok = parts["test"], parts["tok"]
+    chance = {}
+    for it in test.items:
+        chance[it["task"]] = 1.0 / len(it["choices"])
+    text_data = train.AdapterData(with_facts(test.items), test.features, tok, parts["cfg"].prompt, test.domains)
+    model = TextOnly(parts["llm"]).eval()
+    res = accuracy(text_data.items, closed_set(model, text_data, tok, ctx), [""] * len(test), tok)
+    out = {"chance": macro(chance), "probe: log-mel": macro(probe(parts, "log-mel")),
+           "probe: encoder": macro(probe(parts, "encoder")),
+           "text ceiling": macro({t: r["closed"] for t, r in res["tasks"].items()})}
+    train.write_json(out, path)
     return out
 
 
@@ -265,16 +361,14 @@ def fixed_groups(d: train.AdapterData, key: str, n: int, seed: int = 0) -> Dict[
     return {k: v for k, v in out.items() if len(v) >= max(2, n // 4)}
 
 
-def gradient_conflict(run_dir: str, parts: dict, ctx, n: int = 64) -> dict:
-    """Cosine tables by task and by domain at every snapshot of the run (step0 = initialisation)."""
+def gradient_conflict(model: train.AudioLLM, parts: dict, ctx, n: int = 64) -> dict:
+    """Cosine tables of the trained model's adapter gradients, between tasks and between the
+    paper's three domains (speech, music, environment; mixtures left out), on fixed batches of
+    n training questions each."""
     d = parts["train"]
     groups = {key: fixed_groups(d, key, n) for key in ("task", "domain")}
-    snaps = sorted((int(f[4:-3]), f) for f in os.listdir(os.path.join(run_dir, "snapshots")) if f.endswith(".pt"))
-    out = {}
-    for step, f in snaps:
-        model = load_model(run_dir, parts, os.path.join("snapshots", f))
-        out[step] = {key: cosine_table(group_gradients(model, d, g, ctx)) for key, g in groups.items()}
-    return out
+    groups["domain"].pop("mixture", None)
+    return {key: cosine_table(group_gradients(model, d, g, ctx)) for key, g in groups.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,12 +397,11 @@ def evaluate_run(run_dir: str, parts: Optional[dict] = None, ctx=None, force: bo
     result["expert_usage"] = usage
     if usage is not None:
         heatmap(usage, os.path.join(run_dir, "expert_usage.png"), f"{os.path.basename(run_dir)}: test clips")
-    result["gradient_conflict"] = gradient_conflict(run_dir, parts, ctx)
+    result["gradient_conflict"] = final = gradient_conflict(model, parts, ctx)
     train.write_json(result, path)
-    final = result["gradient_conflict"][max(result["gradient_conflict"])]
     print(f"eval {os.path.basename(run_dir)}: semantic {result['semantic_closed']:.3f} paralinguistic "
           f"{result['paralinguistic_closed']:.3f} (closed set), exact match {result['all_exact']:.3f}; "
-          f"task-gradient cosine {final['task']['mean']:+.3f}, conflicting pairs {final['task']['conflict']:.2f}")
+          f"domain-gradient cosine {final['domain']['mean']:+.3f}, task-gradient cosine {final['task']['mean']:+.3f}")
     return result
 
 
@@ -321,8 +414,22 @@ def mean_std(vals: Sequence[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
-def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None) -> str:
-    """One Markdown table of mean ± std over seeds per adapter kind (comparison.md / .json)."""
+def paired(a: List[dict], b: List[dict], key: str) -> Optional[dict]:
+    """Differences a - b of `key` over the seeds both kinds ran (same data order, same initial LLM)."""
+    bs = {r["seed"]: r[key] for r in b}
+    d = [r[key] - bs[r["seed"]] for r in a if r["seed"] in bs]
+    if not d:
+        return None
+    return dict(diffs=d, mean=statistics.mean(d), std=statistics.stdev(d) if len(d) > 1 else math.nan,
+                wins=sum(x > 0 for x in d), n=len(d))
+
+
+DOMAIN_PAIRS = ("music|speech", "environment|music", "environment|speech")   # the paper's three pairs
+
+
+def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None, floor: Optional[dict] = None) -> str:
+    """The comparison (comparison.md / .json): floors and ceilings, then per adapter kind mean ± std
+    over seeds; MoE minus each dense baseline paired by seed; the domain-gradient cosines; per task."""
     if run_dirs is None:
         run_dirs = sorted(os.path.join(out_dir, r) for r in os.listdir(out_dir)
                           if os.path.exists(os.path.join(out_dir, r, "eval.json")))
@@ -332,36 +439,60 @@ def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None) -> str:
             results.append(json.load(f))
     if not results:
         raise SystemExit(f"{out_dir}: no evaluated run (eval.json) to compare")
+    if floor is None and os.path.exists(os.path.join(out_dir, "floors.json")):
+        with open(os.path.join(out_dir, "floors.json")) as f:
+            floor = json.load(f)
+    floor = floor or {}
     kinds = list(dict.fromkeys(r["kind"] for r in results))
     by_kind = {k: [r for r in results if r["kind"] == k] for k in kinds}
-    final_gc = lambda r: r["gradient_conflict"][max(r["gradient_conflict"], key=int)]
-    lines = ["| adapter | seeds | params (total / active) | MFLOPs/token | semantic | paralinguistic | all "
-             "| exact match | task-grad cosine | conflicting task pairs | domain-grad cosine | ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    table = {}
+    lines = ["| model | seeds | params (total / active) | MFLOPs/token | semantic | paralinguistic | all "
+             "| exact match | domain-grad cosine | task-grad cosine | ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, f in floor.items():
+        lines.append(f"| {name} | – | – | – | {f['semantic']:.3f} | {f['paralinguistic']:.3f} | {f['all']:.3f} "
+                     f"| – | – | – | – |")
+    table = dict(floors=floor, kinds={}, paired={})
     for k, rs in by_kind.items():
         p = rs[0]["params"]
         row = dict(seeds=[r["seed"] for r in rs], params=p)
         for key in ("semantic_closed", "paralinguistic_closed", "all_closed", "all_exact", "ms_per_step"):
             row[key] = [r[key] for r in rs]
-        row["task_cos"] = [final_gc(r)["task"]["mean"] for r in rs]
-        row["task_conflict"] = [final_gc(r)["task"]["conflict"] for r in rs]
-        row["domain_cos"] = [final_gc(r)["domain"]["mean"] for r in rs]
-        table[k] = row
+        row["task_cos"] = [r["gradient_conflict"]["task"]["mean"] for r in rs]
+        row["domain_cos"] = [r["gradient_conflict"]["domain"]["mean"] for r in rs]
+        table["kinds"][k] = row
         lines.append(f"| {k} | {len(rs)} | {p['total']:,} / {p['active']:,} | {p['flops_per_token'] / 1e6:.3f} "
                      f"| {mean_std(row['semantic_closed'])} | {mean_std(row['paralinguistic_closed'])} "
                      f"| {mean_std(row['all_closed'])} | {mean_std(row['all_exact'])} "
-                     f"| {mean_std(row['task_cos'], '{:+.3f}')} | {mean_std(row['task_conflict'], '{:.2f}')} "
-                     f"| {mean_std(row['domain_cos'], '{:+.3f}')} | {mean_std(row['ms_per_step'], '{:.1f}')} |")
-    tasks = sorted({t for r in results for t in r["tasks"]}, key=lambda t: (results[0]["tasks"].get(t, {}).get("group", ""), t))
-    lines += ["", "| task | group | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+                     f"| {mean_std(row['domain_cos'], '{:+.3f}')} | {mean_std(row['task_cos'], '{:+.3f}')} "
+                     f"| {mean_std(row['ms_per_step'], '{:.1f}')} |")
+    moes = [k for k in kinds if k.startswith("moe")]
+    denses = [k for k in kinds if not k.startswith("moe")]
+    if moes and denses:
+        lines += ["", "| paired by seed | semantic | paralinguistic | all | seeds won (sem / para) |", "|---|---|---|---|---|"]
+        for m in moes:
+            for d in denses:
+                pr = {g: paired(by_kind[m], by_kind[d], f"{g}_closed") for g in GROUPS + ("all",)}
+                if pr["all"] is None:
+                    continue
+                table["paired"][f"{m} - {d}"] = pr
+                cell = lambda x: f"{x['mean']:+.3f} ± {x['std']:.3f}" if x["n"] > 1 else f"{x['mean']:+.3f}"
+                lines.append(f"| {m} − {d} | {cell(pr['semantic'])} | {cell(pr['paralinguistic'])} | {cell(pr['all'])} "
+                             f"| {pr['semantic']['wins']}/{pr['semantic']['n']} / {pr['paralinguistic']['wins']}/{pr['paralinguistic']['n']} |")
+    lines += ["", "| domain pair (gradient cosine) | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for pair in DOMAIN_PAIRS:
+        cells = [mean_std([r["gradient_conflict"]["domain"]["pairs"][pair] for r in by_kind[k]
+                           if pair in r["gradient_conflict"]["domain"]["pairs"]], "{:+.3f}") for k in kinds]
+        lines.append(f"| {pair.replace('|', ' – ')} | " + " | ".join(cells) + " |")
+    tasks = sorted({t for r in results for t in r["tasks"]}, key=lambda t: (data.TASKS[t].group, t))
+    names = list(floor) + kinds
+    lines += ["", "| task | group | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for t in tasks:
-        group = next(r["tasks"][t]["group"] for r in results if t in r["tasks"])
-        cells = [mean_std([r["tasks"][t]["closed"] for r in by_kind[k] if t in r["tasks"]]) for k in kinds]
-        lines.append(f"| {t} | {group} | " + " | ".join(cells) + " |")
+        cells = [f"{floor[n]['tasks'][t]:.3f}" if t in floor[n]["tasks"] else "–" for n in floor]
+        cells += [mean_std([r["tasks"][t]["closed"] for r in by_kind[k] if t in r["tasks"]]) for k in kinds]
+        lines.append(f"| {t} | {data.TASKS[t].group} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print("\nTest accuracy (closed-set scoring, macro average over tasks), mean ± std over seeds; "
-          "gradient cosines at the last snapshot:\n\n" + text + "\n")
+          "gradient cosines of the trained adapters (best.pt):\n\n" + text + "\n")
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write(text + "\n")
     train.write_json(table, os.path.join(out_dir, "comparison.json"))

@@ -28,15 +28,15 @@ Equations, as numbered in this file (the paper's own numbering is not available 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROUTERS = ("softmax", "sigmoid")
-ADAPTER_KINDS = ("moe", "dense-params", "dense-flops")
+ROUTERS = ("softmax", "sigmoid", "position")
+ADAPTER_KINDS = ("moe", "moe-random", "dense-params", "dense-flops")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ class MoEAdapterConfig:
     d_expert: int = 64             # hidden width H of each routed expert
     n_shared: int = 1              # shared (always-on) experts (0 allowed)
     d_shared: int = 256            # hidden width of each shared expert
-    router: str = "softmax"        # "softmax" (the paper's) | "sigmoid" (DeepSeek-V3-style scores)
+    router: str = "softmax"        # "softmax" (the paper's) | "sigmoid" (DeepSeek-V3) | "position" (fixed, see _position_route)
     normalize_topk: bool = True    # renormalise the k gates to sum to 1 (the paper's Eq. 2)
     # Deviation: the paper does not publish the balance-loss weight; 1e-2 is Switch's default.
     balance_weight: float = 1e-2
@@ -223,7 +223,7 @@ class MoEAdapter(nn.Module):
         D, O = cfg.d_token, cfg.d_out
         self.norm_in = nn.LayerNorm(D) if cfg.norm_in else nn.Identity()
         # The router is a plain bias-free linear map W_g (Eq. 1), evaluated in float32 (see _route).
-        self.router = nn.Linear(D, cfg.n_experts, bias=False) if cfg.n_experts else None
+        self.router = nn.Linear(D, cfg.n_experts, bias=False) if cfg.n_experts and cfg.router != "position" else None
         self.experts = nn.ModuleList(Expert(D, cfg.d_expert, O) for _ in range(cfg.n_experts))
         # n shared experts of width H_s sum to ONE MLP of width n*H_s (concatenated hidden units,
         # their output biases merged): same function, one matmul instead of n.
@@ -259,6 +259,16 @@ class MoEAdapter(nn.Module):
                 # normalize_topk=False for Switch-style gates p_e that carry the task gradient.
                 gate = gate / gate.sum(-1, keepdim=True)
         return logits, probs, gate, index
+
+    def _position_route(self, pos: torch.Tensor, dtype: torch.dtype):
+        """A fixed, input-independent routing (the moe-random control): the token at position t of
+        its clip goes to experts (t + r) mod E for r < k, with gates 1/k. No router weights,
+        uniform P_e (so the balance loss has no gradient); separates "more parameters" from
+        "learned routing"."""
+        E, k, N = self.cfg.n_experts, self.cfg.top_k, pos.shape[0]
+        index = (pos[:, None] + torch.arange(k, device=pos.device)) % E      # (N, k) distinct
+        probs = torch.full((N, E), 1.0 / E, device=pos.device, dtype=torch.promote_types(dtype, torch.float32))
+        return probs.new_zeros(N, E), probs, probs.new_full((N, k), 1.0 / k), index
 
     # -- dispatch ----------------------------------------------------------------------------------
 
@@ -321,7 +331,12 @@ class MoEAdapter(nn.Module):
 
         y = self.shared(h) if self.shared is not None else 0.0              # (N, O)
         if cfg.n_experts:
-            logits, probs, gate, index = self._route(h)                      # (N,E),(N,E),(N,k),(N,k)
+            if cfg.router == "position":
+                pos = torch.arange(T_tok, device=h.device).expand(B, T_tok)  # (B, T') token positions
+                route = self._position_route(pos.reshape(-1) if tok_mask is None else pos[tok_mask], h.dtype)
+            else:
+                route = self._route(h)
+            logits, probs, gate, index = route                               # (N,E),(N,E),(N,k),(N,k)
             routed, gate_applied, dropped = self._dispatch(h, gate, index)   # (N, O), (N, k)
             y = y + routed                                                   # Eq. 3
             balance = load_balancing_loss(probs, index)
@@ -413,7 +428,7 @@ def count_params(module: nn.Module) -> dict:
         D, O = cfg.d_token, cfg.d_out
         per_expert = sum(p.numel() for p in module.experts[0].parameters()) if cfg.n_experts else 0
         active = total - (cfg.n_experts - cfg.top_k) * per_expert
-        macs = D * cfg.n_experts + (cfg.top_k * cfg.d_expert + cfg.n_shared * cfg.d_shared) * (D + O)
+        macs = D * cfg.n_experts * (module.router is not None) + (cfg.top_k * cfg.d_expert + cfg.n_shared * cfg.d_shared) * (D + O)
     elif isinstance(module, DenseAdapter):
         active = total
         macs = module.mlp.fc1.weight.numel() + module.mlp.fc2.weight.numel()
@@ -441,10 +456,13 @@ def dense_hidden_for(cfg: MoEAdapterConfig, match: str = "params") -> int:
 
 
 def build_adapter(kind: str, cfg: MoEAdapterConfig) -> nn.Module:
-    """One config string picks the adapter: "moe", "dense-params" (the paper's equal-parameter
-    baseline) or "dense-flops" (compute-matched to the MoE's active work)."""
+    """One config string picks the adapter: "moe", "moe-random" (the same MoE routed by the token's
+    position alone), "dense-params" (the paper's equal-parameter baseline) or
+    "dense-flops" (compute-matched to the MoE's active work)."""
     if kind == "moe":
         return MoEAdapter(cfg)
+    if kind == "moe-random":                           # the control: same experts, fixed routing
+        return MoEAdapter(replace(cfg, router="position"))
     if kind in ("dense-params", "dense-flops"):
         hidden = dense_hidden_for(cfg, match=kind.split("-")[1])
         return DenseAdapter(cfg.d_in, hidden, cfg.d_out, stack=cfg.stack)

@@ -42,6 +42,7 @@ Notation in shape comments: B batch, F mel bins, T mel frames, T' encoder frames
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -90,6 +91,8 @@ class TrainConfig:
     data_dir: str = ""
     data_label: str = "event"       # data_dir with one folder per class: what the folders name
     n_clips: int = 4000
+    n_speakers: int = 45            # synthetic speakers (a multiple of 9), split by speaker
+    domains: str = "all"            # synthetic corpus: "all" four domains, or "speech" alone (a control)
     clip_seconds: float = 1.0       # also the crop of longer real clips
     data_seed: int = 0
     prompt: str = "question"        # "question", or "full": the question + the answer set
@@ -125,7 +128,13 @@ class TrainConfig:
     d_shared: int = 256
     balance_weight: float = 1e-2
     z_weight: float = 0.0
-    lora_rank: int = 0              # > 0: LoRA on the LLM's projections, trained with the adapter
+    # 3a. alignment: the adapter alone (encoder and LLM frozen) learns to caption every label of a clip
+    align_steps: int = 300
+    align_lr: float = 2e-3
+    # 3b. instruction tuning: the adapter and the LLM (full | lora | frozen) on the questions
+    tune_llm: str = "full"
+    llm_tune_lr: float = 3e-4       # the LLM's own (lower) lr in 3b; the adapter keeps `lr`
+    lora_rank: int = 8              # tune_llm=lora: LoRA rank on the LLM's attention projections
     steps: int = 1500
     batch: int = 32
     lr: float = 2e-3
@@ -136,10 +145,13 @@ class TrainConfig:
     eval_every: int = 250           # validation loss (and best.pt) every this many steps
     valid_items: int = 512          # validation questions used for it
     log_every: int = 50
-    snapshots: int = 4              # adapter snapshots kept for the gradient-conflict analysis
     cache_features: bool = True     # run the frozen encoder once over every clip (false: on every batch)
 
     def __post_init__(self):
+        if self.domains not in ("all", "speech"):
+            raise ValueError(f"domains must be all or speech, got {self.domains!r}")
+        if self.tune_llm not in ("full", "lora", "frozen"):
+            raise ValueError(f"tune_llm must be full, lora or frozen, got {self.tune_llm!r}")
         if self.prompt not in ("question", "full"):
             raise ValueError(f"prompt must be 'question' or 'full', got {self.prompt!r}")
         for kind in self.adapters.split(",") + [self.adapter]:
@@ -355,7 +367,8 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
         resume: bool, seed: int, n_items: Optional[int], state: Callable[[], dict], load_state: Callable[[dict], None],
         validate: Optional[Callable[[], float]] = None, eval_every: int = 0, log_every: int = 50,
         snapshot_steps: Sequence[int] = (), snapshot: Optional[Callable[[], dict]] = None,
-        tokens_per_item: float = 1.0, verbose: bool = True, settings: Optional[dict] = None) -> dict:
+        tokens_per_item: float = 1.0, verbose: bool = True, settings: Optional[dict] = None,
+        param_groups: Optional[List[dict]] = None) -> dict:
     """Train `model`'s trainable parameters; checkpoints, logs and metrics go to run_dir.
 
     step_loss(model, step, idx) -> (loss, logged): idx are this process's items of the step's
@@ -363,15 +376,17 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
     positions 0..G-1 inside the step's global batch); loss must be scaled so that DDP's gradient *average* over the processes is the
     gradient of the global-batch loss (see AdapterStep). state()/load_state(d) save and restore
     what the stage trains. verbose False: no log lines (many short runs). settings: what defines
-    the run, kept in last.pt; --resume refuses a last.pt made with other settings. Returns a
-    summary dict.
+    the run, kept in last.pt; --resume refuses a last.pt made with other settings. param_groups:
+    [{"params", "lr_scale"}] (default: every trainable parameter at scale 1), each group's lr is
+    lr_at(step) x lr_scale. Returns a summary dict.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups or [dict(params=[p for p in model.parameters() if p.requires_grad], lr_scale=1.0)]
+    params = [p for g in groups for p in g["params"]]
     if s.batch % ctx.world:
         raise SystemExit(f"{name}: the global batch {s.batch} must be a multiple of the {ctx.world} processes")
     if n_items is not None and n_items < s.batch:
         raise SystemExit(f"{name}: {n_items} training items are fewer than one batch of {s.batch}")
-    opt = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
+    opt = torch.optim.AdamW([dict(g) for g in groups], lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
                             fused=ctx.device.type == "cuda")
     last, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
     start, best, best_step, elapsed = 0, math.inf, -1, 0.0
@@ -413,7 +428,7 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
         t0 = time.perf_counter()
         lr = lr_at(step, s)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         model.train()
         idx = batch_indices(step, n_items, s.batch, seed, ctx) if n_items else \
             torch.arange(s.batch).chunk(ctx.world)[ctx.rank]
@@ -484,7 +499,9 @@ def real_sources(root: str, label: str) -> Dict[str, object]:
 def sources(cfg: TrainConfig) -> Dict[str, object]:
     if cfg.data_dir:
         return real_sources(cfg.data_dir, cfg.data_label)
-    corpus = data.CorpusConfig.tiny(n_clips=cfg.n_clips, clip_seconds=cfg.clip_seconds, seed=cfg.data_seed)
+    weights = dict(domain_weights=(1.0, 0.0, 0.0, 0.0)) if cfg.domains == "speech" else {}
+    corpus = data.CorpusConfig.tiny(n_clips=cfg.n_clips, n_speakers=cfg.n_speakers, clip_seconds=cfg.clip_seconds,
+                                    seed=cfg.data_seed, **weights)
     return {s: data.SyntheticCorpus(corpus, s) for s in ("train", "valid", "test")}
 
 
@@ -508,7 +525,8 @@ def log_mel(audio: torch.Tensor, lengths: torch.Tensor, n_mels: int, n_frames: i
 
 def mel_config(cfg: TrainConfig) -> dict:
     """The settings a log-mel depends on: what mel.pt and the encoder pre-training are checked against."""
-    return dict(data_dir=cfg.data_dir, data_label=cfg.data_label, n_clips=cfg.n_clips,
+    return dict(data_dir=cfg.data_dir, data_label=cfg.data_label, n_clips=cfg.n_clips, n_speakers=cfg.n_speakers,
+                domains=cfg.domains,
                 clip_seconds=cfg.clip_seconds, data_seed=cfg.data_seed, n_mels=cfg.n_mels)
 
 
@@ -787,17 +805,41 @@ def fact(task: str, value: str) -> str:
     return value
 
 
+CAPTION = "Describe the audio."       # the alignment prompt: its answer states every label of the clip
+CAPTION_SHARE = 0.3                  # share of the LLM's text documents that ask for the caption
+
+
+def caption(values: Dict[str, str]) -> str:
+    """All facts of a clip {task: value} as one answer, in data.TASKS order (a dense target).
+    Deviation: the paper family's alignment data (ASR, captions) is not available here; a caption
+    of every label is the synthetic corpus's dense equivalent."""
+    return " ".join(fact(t, values[t]) for t in data.TASKS if t in values)
+
+
 def text_document(rng: np.random.Generator, choices: Dict[str, List[str]], style: str, max_facts: int):
     """(context text, answer): 1..max_facts facts about distinct tasks in random order, then a
-    question about one of them. Values are uniform over each task's answer set."""
+    question about one of them, or (CAPTION_SHARE of the documents) the caption prompt, whose
+    answer is every fact in the fixed task order. Values are uniform over each task's answer set."""
     tasks = sorted(choices)
     n = int(rng.integers(1, min(max_facts, len(tasks)) + 1))
     told = [tasks[i] for i in rng.choice(len(tasks), size=n, replace=False)]
     values = {t: choices[t][int(rng.integers(len(choices[t])))] for t in told}
+    context = " ".join(fact(t, values[t]) for t in told) + ". "
+    if rng.random() < CAPTION_SHARE:
+        return context + CAPTION, caption(values)
     asked = told[int(rng.integers(n))]
     q = data.TASKS[asked].questions[int(rng.integers(len(data.TASKS[asked].questions)))]
     item = dict(question=q, prompt=f"{q} Answer with one of: {', '.join(choices[asked])}.")
-    return " ".join(fact(t, values[t]) for t in told) + ". " + prompt_text(item, style), values[asked]
+    return context + prompt_text(item, style), values[asked]
+
+
+def caption_items(items: List[dict]) -> List[dict]:
+    """One alignment item per clip: the caption prompt, answered by every label the clip carries."""
+    by_clip: Dict[int, Dict[str, str]] = {}
+    for it in items:
+        by_clip.setdefault(it["index"], {})[it["task"]] = it["answer"]
+    return [dict(index=j, task="caption", group="caption", question=CAPTION, prompt=CAPTION,
+                 answer=caption(v), choices=[]) for j, v in by_clip.items()]
 
 
 def build_tokenizer(choices: Dict[str, List[str]]) -> lm.WordTokenizer:
@@ -806,7 +848,7 @@ def build_tokenizer(choices: Dict[str, List[str]]) -> lm.WordTokenizer:
     for t, values in choices.items():
         texts += list(data.TASKS[t].questions) + [f"Answer with one of: {', '.join(values)}."]
         texts += [fact(t, v) for v in values]
-    return lm.WordTokenizer.build(texts)
+    return lm.WordTokenizer.build(texts + [CAPTION])
 
 
 def llm_config(cfg: TrainConfig, tok) -> lm.LLMConfig:
@@ -833,7 +875,7 @@ def text_accuracy(model: lm.LLM, tok, choices, style, max_facts, ctx: Ctx, n: in
     docs = [text_document(rng, choices, style, max_facts) for _ in range(n)]
     b = lm.build_batch([tok.encode(c) for c, _ in docs], cfg=model.cfg, padding_side="left", device=ctx.device)
     model.eval()
-    out = model.generate(b["input_ids"], b["attention_mask"], max_new_tokens=8)
+    out = model.generate(b["input_ids"], b["attention_mask"], max_new_tokens=16)
     return float(np.mean([tok.decode(o.tolist()) == tok.decode(tok.encode(a)) for o, (_, a) in zip(out, docs)]))
 
 
@@ -972,7 +1014,13 @@ def run_name(kind: str, seed: int) -> str:
 
 
 def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx, resume: bool) -> dict:
-    """Train one adapter (plus LoRA if asked) on the frozen encoder features and the frozen LLM."""
+    """Train one adapter in two phases, as the paper's family does (Eureka-Audio, arXiv 2602.13954):
+    3a. alignment: the adapter alone (encoder and LLM frozen) learns to make the LLM caption every
+        label of a clip (a dense target: all of a clip's facts in one answer);
+    3b. instruction tuning: the adapter and the LLM (its own copy: full fine-tuning at llm_tune_lr,
+        or LoRA, or frozen) on every (clip, task) question, next-token loss + the MoE losses.
+    Deviation: the paper's family unfreezes everything in stage 2 and does not publish what the
+    MoE-Adapter paper freezes; the encoder stays frozen here (its features are cached)."""
     run_dir = os.path.join(cfg.out_dir, run_name(kind, seed))
     done_path = os.path.join(run_dir, "summary.json")
     want = asdict(cfg) | dict(adapter=kind, seed=seed)
@@ -986,84 +1034,101 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
         if ctx.main:
             print(f"adapter {run_name(kind, seed)}: finished earlier, reusing {run_dir}")
         return summary
-    llm_model = parts["llm"]
     torch.manual_seed(seed)
+    llm_model = copy.deepcopy(parts["llm"])        # every run starts from the same pre-trained LLM
     acfg = cfg.adapter_config(parts["d_in"], llm_model.cfg.d_model)
     adapter = build_adapter(kind, acfg).to(ctx.device)
-    if cfg.lora_rank:
-        lora = [m for m in llm_model.modules() if isinstance(m, lm.LoRALinear)]
-        if lora:                      # an earlier run of `all` shares this LLM: start from its base again
-            for m in lora:
-                m.reset_lora()
-        else:
-            lm.add_lora(llm_model, rank=cfg.lora_rank)
-        lm.mark_trainable(llm_model, lora=True)
+    if cfg.tune_llm == "lora":
+        lm.add_lora(llm_model, rank=cfg.lora_rank)
         llm_model.to(ctx.device)
     model = AudioLLM(adapter, llm_model)
-    train, valid = parts["train"], parts["valid"]
+    settings = {k: v for k, v in want.items() if k not in RUN_CONTROL}
 
     def trained_state():
         sd = dict(adapter=adapter.state_dict())
-        if cfg.lora_rank:
+        if cfg.tune_llm == "full":
+            sd["llm"] = llm_model.state_dict()
+        elif cfg.tune_llm == "lora":
             sd["lora"] = {k: v for k, v in llm_model.state_dict().items() if "lora_" in k}
         return sd
 
     def load_trained(sd):
         adapter.load_state_dict(sd["adapter"])
-        if cfg.lora_rank:
+        if "llm" in sd:
+            llm_model.load_state_dict(sd["llm"])
+        elif "lora" in sd:
             llm_model.load_state_dict(sd["lora"], strict=False)
 
     step_model = torch.compile(model) if cfg.compile else model
 
-    def step_loss(m, step, idx):
-        feats, fmask, prompts, answers = train.batch(idx, ctx.device)
-        with ctx.autocast():
-            logits, labels, aux, _ = m(feats, fmask, prompts, answers)
-        ce, n = token_ce(logits, labels)
-        n_all = global_sum(n, ctx)
-        task = ce * ctx.world / n_all
-        bal = balance_loss(aux, ctx)
-        z = aux["z_loss"] * aux["mask"].sum() / global_sum(aux["mask"].sum().float(), ctx) * ctx.world
-        loss = task + acfg.balance_weight * bal + acfg.z_weight * z
-        logged = dict(ce=float(global_sum(ce.detach(), ctx) / n_all))
-        if kind == "moe":
-            logged.update(balance=float(bal.detach()) / ctx.world,
-                          max_load=float(global_sum(aux["expert_load"] * aux["mask"].sum(), ctx).max()
-                                         / global_sum(aux["mask"].sum().float(), ctx)))
-        return loss, logged
-
-    g = torch.Generator().manual_seed(12345)
-    valid_idx = torch.randperm(len(valid), generator=g)[:cfg.valid_items]
-
-    @torch.no_grad()
-    def validate():
-        model.eval()
-        tot, cnt = 0.0, 0.0
-        for i in range(0, len(valid_idx), 128):
-            feats, fmask, prompts, answers = valid.batch(valid_idx[i:i + 128], ctx.device)
+    def step_loss_on(data_: "AdapterData"):
+        def step_loss(m, step, idx):
+            feats, fmask, prompts, answers = data_.batch(idx, ctx.device)
             with ctx.autocast():
-                logits, labels, _, _ = model(feats, fmask, prompts, answers)
+                logits, labels, aux, _ = m(feats, fmask, prompts, answers)
             ce, n = token_ce(logits, labels)
-            tot, cnt = tot + float(ce), cnt + float(n)
-        return tot / cnt
+            n_all = global_sum(n, ctx)
+            task = ce * ctx.world / n_all
+            bal = balance_loss(aux, ctx)
+            z = aux["z_loss"] * aux["mask"].sum() / global_sum(aux["mask"].sum().float(), ctx) * ctx.world
+            loss = task + acfg.balance_weight * bal + acfg.z_weight * z
+            logged = dict(ce=float(global_sum(ce.detach(), ctx) / n_all))
+            if kind.startswith("moe"):
+                logged.update(balance=float(bal.detach()) / ctx.world,
+                              max_load=float(global_sum(aux["expert_load"] * aux["mask"].sum(), ctx).max()
+                                             / global_sum(aux["mask"].sum().float(), ctx)))
+            return loss, logged
+        return step_loss
+
+    def validate_on(data_: "AdapterData"):
+        idx = torch.randperm(len(data_), generator=torch.Generator().manual_seed(12345))[:cfg.valid_items]
+
+        @torch.no_grad()
+        def validate():
+            model.eval()
+            tot, cnt = 0.0, 0.0
+            for i in range(0, len(idx), 128):
+                feats, fmask, prompts, answers = data_.batch(idx[i:i + 128], ctx.device)
+                with ctx.autocast():
+                    logits, labels, _, _ = model(feats, fmask, prompts, answers)
+                ce, n = token_ce(logits, labels)
+                tot, cnt = tot + float(ce), cnt + float(n)
+            return tot / cnt
+        return validate
 
     n_params = count_params(adapter)
     if ctx.main:
         print(f"adapter {run_name(kind, seed)}: {n_params['total']:,} params, {n_params['active']:,} active, "
-              f"{n_params['flops_per_token'] / 1e6:.3f} MFLOPs/token"
-              + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
-    s = Schedule(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.decay_frac, cfg.weight_decay, cfg.grad_clip)
-    snaps = sorted({round(cfg.steps * i / max(cfg.snapshots - 1, 1)) for i in range(cfg.snapshots)}) \
-        if cfg.snapshots > 0 else []
+              f"{n_params['flops_per_token'] / 1e6:.3f} MFLOPs/token; LLM {cfg.tune_llm} in 3b")
+    train = parts["train"]
     # For the tokens/s log only: audio tokens of 16 clips (live: one extra small batch) + ~12 of text.
     tokens = train.clip_features(train.clip.unique()[:16], "cpu")[1].sum(1).float().mean().item() / cfg.stack + 12
-    summary = fit(f"{kind} s{seed}", step_model, step_loss, s, ctx, run_dir, resume, seed, len(train),
-                  state=trained_state, load_state=load_trained, validate=validate, eval_every=cfg.eval_every,
-                  log_every=cfg.log_every, snapshot_steps=snaps, snapshot=trained_state, tokens_per_item=tokens,
-                  settings={k: v for k, v in want.items() if k not in RUN_CONTROL})
+    common = dict(ctx=ctx, resume=resume, seed=seed, state=trained_state, load_state=load_trained,
+                  eval_every=cfg.eval_every, log_every=cfg.log_every, tokens_per_item=tokens)
+    summary = {}
+    if cfg.align_steps:                                   # 3a: the adapter alone, on captions
+        s = Schedule(cfg.align_steps, cfg.batch, cfg.align_lr, cfg.warmup, cfg.decay_frac, cfg.weight_decay,
+                     cfg.grad_clip)
+        a_dir = os.path.join(run_dir, "align")
+        summary["align"] = fit(f"{kind} s{seed} align", step_model, step_loss_on(parts["align_train"]), s,
+                               run_dir=a_dir, n_items=len(parts["align_train"]),
+                               validate=validate_on(parts["align_valid"]), settings=settings, **common)
+        load_trained(load(os.path.join(a_dir, "best.pt")))
+    groups = [dict(params=list(adapter.parameters()), lr_scale=1.0)]
+    if cfg.tune_llm != "frozen":                          # 3b: the LLM learns too, at its own lr
+        if cfg.tune_llm == "full":
+            llm_model.requires_grad_(True)
+        else:
+            lm.mark_trainable(llm_model, lora=True)
+        groups.append(dict(params=[p for p in llm_model.parameters() if p.requires_grad],
+                           lr_scale=cfg.llm_tune_lr / cfg.lr))
+    s = Schedule(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.decay_frac, cfg.weight_decay, cfg.grad_clip)
+    summary.update(fit(f"{kind} s{seed}", step_model, step_loss_on(train), s, run_dir=run_dir, n_items=len(train),
+                       validate=validate_on(parts["valid"]), settings=settings, param_groups=groups, **common))
+    seconds = summary["seconds"] + summary.get("align", {}).get("seconds", 0.0)
     summary.update(kind=kind, seed=seed, params=n_params, adapter_config=asdict(acfg),
-                   config=asdict(cfg) | dict(adapter=kind, seed=seed),
-                   ms_per_step=1e3 * summary["seconds"] / cfg.steps)
+                   config=asdict(cfg) | dict(adapter=kind, seed=seed), train_seconds=seconds,
+                   ms_per_step=1e3 * seconds / (cfg.steps + cfg.align_steps))
     if ctx.main:
         write_json(summary, done_path)
     barrier(ctx)
@@ -1080,7 +1145,7 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
     srcs = sources(cfg)
     items = instruction_items(cfg, srcs)
     choices = task_choices(items["train"] + items["valid"] + items["test"])
-    parts = dict(items=items, choices=choices)
+    parts = dict(items=items, choices=choices, cfg=cfg)
     if ctx.main:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
@@ -1090,6 +1155,7 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
     else:                                                  # nothing written: mel.pt, features.pt
         mels = {split: LiveMels(src, cfg) for split, src in srcs.items()}
     parts["domains"] = {s: m.domain for s, m in mels.items()}
+    parts["mels"] = mels
     if "encoder" in stages:
         encoder = stage_encoder(cfg, mels, ctx, resume)
         parts["encoder"] = encoder
@@ -1103,6 +1169,8 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
             features = {s: LiveFeatures(parts["encoder"], m, ctx) for s, m in mels.items()}
         for split, f in features.items():
             parts[split] = AdapterData(items[split], f, parts["tok"], cfg.prompt, parts["domains"][split])
+            parts[f"align_{split}"] = AdapterData(caption_items(items[split]), f, parts["tok"], cfg.prompt,
+                                                  parts["domains"][split])
     parts["prepare_seconds"] = time.perf_counter() - t0
     return parts
 

@@ -52,6 +52,9 @@ def naive_forward(adapter: MoEAdapter, x, mask=None):
     # Route each token: full probabilities, top-k by sorting, gates renormalised.
     routes = []
     for b, t, h in tokens:
+        if cfg.router == "position":                           # moe-random: experts t, t+1, .. mod E
+            routes.append([((t + r) % E, 1.0 / k) for r in range(k)])
+            continue
         logits = [float(v) for v in adapter.router.weight @ h]
         if cfg.router == "softmax":
             m = max(logits)
@@ -95,6 +98,7 @@ CASES = {
     "no_shared": (dict(n_shared=0), [10, 3, 10]),
     "capacity": (dict(capacity_factor=0.75), [10, 6, 9]),
     "capacity_sigmoid": (dict(capacity_factor=0.5, router="sigmoid", top_k=3), None),
+    "position": (dict(router="position", top_k=3), [10, 4, 7]),
 }
 
 
@@ -347,6 +351,17 @@ def test_build_adapter_kinds_share_the_call_signature():
         assert aux["expert_index"].shape[:2] == (2, 3)
 
 
+def test_moe_random_is_the_moe_without_a_router():
+    cfg = MoEAdapterConfig.tiny()
+    moe, rnd = M.build_adapter("moe", cfg), M.build_adapter("moe-random", cfg)
+    assert rnd.router is None and rnd.cfg.router == "position"
+    # Same experts and shared expert; only the router's E x D weights are missing.
+    assert M.count_params(moe)["total"] - M.count_params(rnd)["total"] == cfg.n_experts * cfg.d_token
+    y, aux = rnd(torch.randn(2, 9, 64, requires_grad=True), lengths_mask([9, 5], 9))
+    assert aux["expert_index"][0, :, 0].tolist() == [0, 1, 2]           # token t -> expert t mod E first
+    assert not aux["balance_loss"].requires_grad                        # uniform P: nothing to learn
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients
 
@@ -447,7 +462,7 @@ def test_bad_input_is_named(make, message):
 
 
 def test_bad_names_list_allowed_values():
-    with pytest.raises(ValueError, match="allowed: moe, dense-params, dense-flops"):
+    with pytest.raises(ValueError, match="allowed: moe, moe-random, dense-params, dense-flops"):
         M.build_adapter("sparse", small_cfg())
     with pytest.raises(ValueError, match="allowed: params, flops"):
         M.dense_hidden_for(small_cfg(), "memory")
