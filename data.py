@@ -23,7 +23,8 @@ Contents, top to bottom:
     SyntheticCorpus .. a sequence of Clips for one split
     views ............ AudioClassification, MultiLabelAudio, InstructionDataset (torch Datasets),
                        collate
-    real data ........ read_wav / write_wav, resample, load_audio, AudioFiles, load_* loaders
+    real data ........ read_wav / write_wav, resample, load_audio, AudioFiles, load_* loaders,
+                       load_corpus (any of their layouts, detected)
     probe ............ log_mel (the probe's own feature), logistic regression, run_probe
     CLI .............. python data.py --preview OUT_DIR | --probe | --bench  [--key=value ...]
 
@@ -1762,6 +1763,31 @@ BENCHMARKS = {   # name: (synthetic preset, task label, real-data loader)
     "speechcommands": ("speech_commands_like", "word", load_speech_commands),
     "fsc": ("fsc_like", "intent", load_fluent_speech_commands),
 }
+
+# The file that marks each benchmark's layout under a corpus root.
+LAYOUT_MARKERS = {"esc50": ("meta", "esc50.csv"), "us8k": ("metadata", "UrbanSound8K.csv"),
+                  "speechcommands": ("validation_list.txt",), "fsc": ("data", "train_data.csv")}
+
+
+def load_corpus(root: str, label: str) -> Tuple[str, AudioFiles]:
+    """(layout, every clip) of the real corpus at root, its layout detected from its files: a
+    BENCHMARKS name (its loader's folds or train / valid / test splits), or "folder" for one
+    folder per class, labelled {label: folder name} (label must be a TASKS label) and split
+    80/10/10 by a hash of the file name. Errors name the --data_dir / --data_label option."""
+    for name, (_, _, loader) in BENCHMARKS.items():
+        if os.path.exists(os.path.join(root, *LAYOUT_MARKERS[name])):
+            return name, loader(root)
+    if not os.path.isdir(root):
+        raise SystemExit(f"--data_dir={root}: no such folder")
+    if label not in {t.label for t in TASKS.values()}:
+        raise SystemExit(f"--data_label={label!r} names no task label; allowed: "
+                         f"{', '.join(sorted({t.label for t in TASKS.values()}))}")
+    full = load_folder_per_class(root, label=label)
+    # No split files: 80/10/10 by a hash of the file name, stable across runs and machines.
+    for r in full.records:
+        h = zlib.crc32(os.path.basename(r.path).encode()) % 10
+        r.split = "test" if h == 0 else "valid" if h == 1 else "train"
+    return "folder", full
 
 
 def benchmark(name: str, split, root: Optional[str] = None, cfg: Optional[CorpusConfig] = None,

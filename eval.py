@@ -4,7 +4,9 @@
     python eval.py runs/tiny                  # evaluate every run in the folder, print the comparison
     python eval.py runs/tiny/moe-s0           # one run: accuracy, expert use, gradient conflict
     python eval.py runs/tiny --force          # evaluate again even where eval.json exists
-    python eval.py runs/moa                   # a `train.py moa` folder: the Soft-MoA tables (part 2)
+    python eval.py runs/tiny --runs=moe-s0,moe-s1     # only these runs of the folder, and their comparison
+
+train_moa.py's Soft-MoA runs are scored by eval_moa.py, which imports this file's plotting helpers.
 
 Per run (eval.json in the run folder), on the model with the lowest validation loss (best.pt):
 - Accuracy per task on the held-out test split, two ways: greedy decoding, exact match of the
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 import data
 
 import llm as lm
-import soft_moa as sm
+import loop
 import train
 from moe_adapter import build_adapter
 
@@ -48,7 +50,7 @@ GROUPS = ("semantic", "paralinguistic")
 # Loading
 
 
-def load_parts(out_dir: str, ctx: Optional[train.Ctx] = None) -> dict:
+def load_parts(out_dir: str, ctx: Optional[loop.Ctx] = None) -> dict:
     """The frozen encoder, LLM and encoder features (cached, or live) of an output folder
     (nothing is retrained)."""
     path = os.path.join(out_dir, "config.json")
@@ -56,7 +58,7 @@ def load_parts(out_dir: str, ctx: Optional[train.Ctx] = None) -> dict:
         raise SystemExit(f"{out_dir}: no config.json; expected a folder written by train.py")
     with open(path) as f:
         cfg = train.TrainConfig(**json.load(f))
-    ctx = ctx or train.make_ctx(cfg)
+    ctx = ctx or loop.make_ctx(cfg.device, cfg.dtype)
     return train.prepare(cfg, ctx, resume=False)
 
 
@@ -68,7 +70,7 @@ def load_model(run_dir: str, parts: dict, which: str = "best.pt") -> train.Audio
     from moe_adapter import MoEAdapterConfig
     adapter = build_adapter(summary["kind"], MoEAdapterConfig(**summary["adapter_config"]))
     llm_model = copy.deepcopy(parts["llm"])
-    state = train.load(os.path.join(run_dir, which))
+    state = loop.load(os.path.join(run_dir, which))
     state = state.get("model", state)                          # last.pt wraps it with the optimiser
     adapter.load_state_dict(state["adapter"])
     if "llm" in state:
@@ -239,7 +241,7 @@ def floors(out_dir: str, parts: dict, ctx) -> dict:
     out = {"chance": macro(chance), "probe: log-mel": macro(probe(parts, "log-mel")),
            "probe: encoder": macro(probe(parts, "encoder")),
            "text ceiling": macro({t: r["closed"] for t, r in res["tasks"].items()})}
-    train.write_json(out, path)
+    loop.write_json(out, path)
     return out
 
 
@@ -384,7 +386,7 @@ def evaluate_run(run_dir: str, parts: Optional[dict] = None, ctx=None, force: bo
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
         raise SystemExit(f"{run_dir}: no summary.json; the run has not finished (train.py --resume)")
     parts = parts or load_parts(os.path.dirname(os.path.abspath(run_dir)), ctx)
-    ctx = ctx or train.make_ctx(train.TrainConfig(device="auto"))
+    ctx = ctx or loop.make_ctx("auto", "auto")
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     model = load_model(run_dir, parts)
@@ -398,7 +400,7 @@ def evaluate_run(run_dir: str, parts: Optional[dict] = None, ctx=None, force: bo
     if usage is not None:
         heatmap(usage, os.path.join(run_dir, "expert_usage.png"), f"{os.path.basename(run_dir)}: test clips")
     result["gradient_conflict"] = final = gradient_conflict(model, parts, ctx)
-    train.write_json(result, path)
+    loop.write_json(result, path)
     print(f"eval {os.path.basename(run_dir)}: semantic {result['semantic_closed']:.3f} paralinguistic "
           f"{result['paralinguistic_closed']:.3f} (closed set), exact match {result['all_exact']:.3f}; "
           f"domain-gradient cosine {final['domain']['mean']:+.3f}, task-gradient cosine {final['task']['mean']:+.3f}")
@@ -495,7 +497,7 @@ def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None, floor: Optio
           "gradient cosines of the trained adapters (best.pt):\n\n" + text + "\n")
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write(text + "\n")
-    train.write_json(table, os.path.join(out_dir, "comparison.json"))
+    loop.write_json(table, os.path.join(out_dir, "comparison.json"))
     plot_curves(out_dir, run_dirs)
     return text
 
@@ -524,185 +526,8 @@ def plot_curves(out_dir: str, run_dirs: Sequence[str]) -> Optional[str]:
     return _save(plt, fig, os.path.join(out_dir, "curves.png"))
 
 
-# ==============================================================================================
-# Part 2: Soft-MoA fine-tuning of a frozen AST (Cappellazzo et al., arXiv 2402.00828)
-#
-# Per run (eval.json): test accuracy of best.pt (lowest validation loss), accuracy per class, and
-# for each mixture (block i, beside "attn" or "ffn"): each adapter's share of a clip's tokens,
-# averaged over the tokens of a clip and then over the clips of a class, so every clip counts once
-# (the paper's Fig. 3, expert usage per class), and each adapter's contribution,
-# the mean norm of its part of the mixture output over the test tokens (Fig. 2 right: are all
-# adapters used?). moa_compare writes the paper-like table (moa.md / moa.json, or ablation.md).
-
-
-@torch.no_grad()
-def evaluate_moa_run(run_dir: str, ast: dict, cache: dict, ctx, force: bool = True) -> dict:
-    path = os.path.join(run_dir, "eval.json")
-    if not force and os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        s = json.load(f)
-    c = s["config"]
-    roles = train.fold_split(cache["split"], s["seed"])
-    test = train.FbankData(cache, roles["test"], ast["mean"], ast["std"])
-    C = len(cache["classes"])
-    model, trainable = train.build_peft_model(ast, s["method"], C, cache["x"].shape[1], c["r"], c["n_experts"], c["slots"])
-    best = train.load(os.path.join(run_dir, "best.pt"))
-    if set(best) != set(trainable):
-        raise SystemExit(f"{run_dir}/best.pt does not hold the trainable parameters of {s['method']}")
-    model.load_state_dict(best, strict=False)
-    model.to(ctx.device).eval()
-    preds, usage, contrib, n_tok = [], {}, {}, 0.0
-    for i in range(0, len(test), 128):
-        x, mask, y = test.batch(torch.arange(i, min(i + 128, len(test))), ctx.device)
-        with ctx.autocast():
-            out = model(x, mask)
-        preds.append(out.logits.float().argmax(-1).cpu())
-        real = out.mask.float()                                                    # (b, m)
-        n_tok += float(real.sum())
-        for layer, infos in enumerate(out.adapter_info):
-            for key, info in infos.items():
-                if "expert_usage" not in info:                                     # single adapter
-                    continue
-                name = f"block{layer}.{key}"
-                usage.setdefault(name, []).append(sm.usage_per_sequence(info["expert_usage"].float(), out.mask).cpu())
-                contrib[name] = contrib.get(name, 0) + (info["expert_contribution"].float() * real[..., None]).sum((0, 1)).cpu()
-    pred, y = torch.cat(preds), test.y
-    hit = (pred == y).float()
-    per_class = {cls: float(hit[y == k].mean()) for k, cls in enumerate(cache["classes"]) if (y == k).any()}
-    result = dict(bench=s["bench"], method=s["method"], seed=s["seed"], r=c["r"], n_experts=c["n_experts"],
-                  slots=c["slots"], accuracy=float(hit.mean()), per_class=per_class, n_test=len(y),
-                  params=s["params"], head_params=s["head_params"], macs_per_token=s["macs_per_token"],
-                  ms_per_step=s["ms_per_step"], tokens=s["tokens"], classes=cache["classes"],
-                  usage_by_class={k: sm.expert_usage_by_class(torch.cat(v), y, C).tolist() for k, v in usage.items()},
-                  contribution={k: (v / n_tok).tolist() for k, v in contrib.items()})
-    train.write_json(result, path)
-    return result
-
-
-def contribution_shares(results: List[dict]) -> Dict[str, List[List[float]]]:
-    """{mixture: [per run: each adapter's share of the summed contributions]} over runs."""
-    out = {}
-    for r in results:
-        for name, v in r["contribution"].items():
-            t = torch.tensor(v)
-            out.setdefault(name, []).append((t / t.sum().clamp_min(1e-12)).tolist())
-    return out
-
-
-def usage_heatmaps(results: List[dict], path: str, title: str) -> Optional[str]:
-    """Expert usage per class at each run's last mixture, one panel per run (the paper's Fig. 3)."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 0.16 * len(results[0]["classes"]) + 2.2),
-                             squeeze=False)
-    for ax, r in zip(axes[0], results):
-        last = sorted(r["usage_by_class"], key=lambda k: (int(k.split(".")[0][5:]), k))[-1]
-        m = torch.tensor(r["usage_by_class"][last])                                # (C, n)
-        _usage_panel(fig, ax, m, r["classes"], "a", f"{r['method']} ({last})",
-                     row_text=dict(fontsize=5 if len(r["classes"]) > 20 else 8), title_text=dict(fontsize=9))
-    return _save(plt, fig, path, title)
-
-
-def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -> str:
-    """The paper-like table: test accuracy mean ± std over seeds per method and benchmark, trainable
-    parameters, adapter MACs per token and ms per training step; then adapter contributions per
-    layer and usage heatmaps (moa.md / moa.json), or the ablation table (ablation.md / .json)."""
-    results = []
-    for r in run_dirs:
-        with open(os.path.join(r, "eval.json")) as f:
-            results.append(json.load(f))
-    if not results:
-        raise SystemExit(f"{out_dir}: no evaluated Soft-MoA run (eval.json) to compare")
-    names = list(train.data.BENCHMARKS) + ["data"]
-    benches = sorted(dict.fromkeys(r["bench"] for r in results), key=names.index)
-    key = (lambda r: (r["method"], r["n_experts"], r["r"], r["slots"])) if ablation else (lambda r: r["method"])
-    order = list(train.MOA_METHODS)
-    rows = sorted(dict.fromkeys(key(r) for r in results),
-                  key=lambda k: (order.index(k[0]), *k[1:]) if ablation else (order.index(k),))
-    group = {k: [r for r in results if key(r) == k] for k in rows}
-    head = "| method | adapters n | r | slots p |" if ablation else "| method |"
-    lines = [head + "".join(f" {b} |" for b in benches) + " trainable params (no head) | adapter MACs/token | ms/step |",
-             "|---" * (head.count("|") - 1 + len(benches) + 3) + "|"]
-    table = {}
-    for k in rows:
-        rs = group[k]
-        accs = {b: [r["accuracy"] for r in rs if r["bench"] == b] for b in benches}
-        params = sorted({r["params"] - (r["head_params"] if r["method"] != "linear" else 0) for r in rs})
-        if rs[0]["method"] == "linear":
-            params = [0]
-        macs = statistics.mean(r["macs_per_token"] for r in rs)
-        label = " | ".join(map(str, k)) if ablation else k
-        table[label] = dict(accuracy=accs, seeds=sorted({r["seed"] for r in rs}), params=params, macs_per_token=macs,
-                            ms_per_step=[r["ms_per_step"] for r in rs])
-        lines.append(f"| {label} |" + "".join(f" {mean_std(accs[b])} |" for b in benches)
-                     + f" {'/'.join(f'{p:,}' for p in params)} | {macs:,.0f} | {mean_std(table[label]['ms_per_step'], '{:.1f}')} |")
-    text = "\n".join(lines)
-    seeds = max(len(v["seeds"]) for v in table.values())
-    intro = (f"Test accuracy, mean ± std over {seeds} seeds (fold benchmarks: seed i tests on fold i+1); "
-             "params: trainable, without the linear head; MACs: all mixtures, per token; ms/step: "
-             "mean over all runs of the row:")
-    if not ablation:
-        shares = {}
-        for m in ("soft-pfeiffer", "dense-pfeiffer", "soft-houlsby", "dense-houlsby"):
-            rs = [r for r in results if r["method"] == m]
-            if not rs:
-                continue
-            per = contribution_shares(rs)
-            shares[m] = {name: torch.tensor(v).mean(0).tolist() for name, v in per.items()}
-        if shares:
-            n = len(next(iter(next(iter(shares.values())).values())))
-            text += ("\n\nEach adapter's share of its mixture's output (mean contribution norm over test tokens, "
-                     f"mean over benchmarks and seeds; uniform = {1 / n:.3f}):\n\n"
-                     "| method | mixture | " + " | ".join(f"a{e}" for e in range(n)) + " | min / max |\n|---|---|"
-                     + "---|" * (n + 1))
-            for m, per in shares.items():
-                for name in sorted(per, key=lambda k: (int(k.split(".")[0][5:]), k)):
-                    v = per[name]
-                    text += (f"\n| {m} | {name} | " + " | ".join(f"{x:.3f}" for x in v)
-                             + f" | {min(v) / max(v):.2f} |")
-            table["contribution_shares"] = shares
-        for b in benches:
-            rs = [r for r in results if r["bench"] == b and r["seed"] == 0 and r["usage_by_class"]
-                  and r["method"] in ("soft-pfeiffer", "dense-pfeiffer")]
-            if rs:
-                usage_heatmaps(rs, os.path.join(out_dir, f"usage-{b}.png"), f"{b}: expert usage per class (seed 0)")
-    name = "ablation" if ablation else "moa"
-    print(f"\n{intro}\n\n{text}\n")
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(intro + "\n\n" + text + "\n")
-    train.write_json(table, os.path.join(out_dir, f"{name}.json"))
-    return text
-
-
-def moa_main(out_dir: str, force: bool) -> None:
-    """eval.py on a `train.py moa` folder: score runs without eval.json, print both tables."""
-    with open(os.path.join(out_dir, "config.json")) as f:
-        cfg = train.MoAConfig(**json.load(f))
-    ctx = train.make_ctx(cfg)
-    ast = train.stage_ast(cfg, ctx, resume=False)
-    found = {False: [], True: []}
-    for root, _, files in sorted(os.walk(out_dir)):
-        if "summary.json" in files:
-            found[os.path.relpath(root, out_dir).startswith("ablate" + os.sep)].append(root)
-    if not found[False] and not found[True]:
-        raise SystemExit(f"{out_dir}: no finished Soft-MoA run (a folder with summary.json) inside")
-    caches = {}
-    for ablation, runs in found.items():
-        for r in sorted(runs):
-            with open(os.path.join(r, "summary.json")) as f:
-                bench = json.load(f)["bench"]
-            if bench not in caches:
-                caches.update(train.moa_data(cfg, ctx, [bench]))
-            evaluate_moa_run(r, ast, caches[bench], ctx, force=force)
-        if runs:
-            moa_compare(out_dir, sorted(runs), ablation=ablation)
-
-
-def _moa_out_dir(path: str) -> Optional[str]:
-    """The `train.py moa` folder that `path` is or lies in (its config.json is a MoAConfig's; an
+def moa_out_dir(path: str) -> Optional[str]:
+    """The train_moa.py folder that `path` is or lies in (its config.json is a MoAConfig's; an
     --ast_checkpoint folder has no ast/ to go by), else None."""
     p = os.path.abspath(path)
     for _ in range(4):                                  # OUT, OUT/bench/run, OUT/ablate/bench/run
@@ -714,33 +539,38 @@ def _moa_out_dir(path: str) -> Optional[str]:
     return None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parse_cli(argv: Optional[Sequence[str]], script: str):
+    """OUT_DIR | RUN_DIR [...] [--force] [--runs=NAME,...] -> (paths, force, run names or None)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     force = "--force" in argv
-    paths = [a for a in argv if a != "--force"]
+    names = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("--runs=")]
+    paths = [a for a in argv if a != "--force" and not a.startswith("--runs=")]
     bad = [a for a in paths if a.startswith("-")]
     if bad or not paths:
-        raise SystemExit("usage: python eval.py OUT_DIR | RUN_DIR [...] [--force]" + (f"; unknown option {bad[0]}" if bad else ""))
+        raise SystemExit(f"usage: python {script} OUT_DIR | RUN_DIR [...] [--force] [--runs=NAME,...]"
+                         + (f"; unknown option {bad[0]}" if bad else ""))
+    return paths, force, (names[-1] if names else None)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    paths, force, names = parse_cli(argv, "eval.py")
     for p in paths:
         if not os.path.isdir(p):
             raise SystemExit(f"{p}: no such folder")
-        moa = _moa_out_dir(p)
-        if moa is not None:                                # a `train.py moa` folder, or a run inside one
-            if moa != os.path.abspath(p):
-                print(f"{p} is a Soft-MoA run: scoring its folder {moa}")
-            moa_main(moa, force)
-            continue
+        if moa_out_dir(p) is not None:
+            raise SystemExit(f"{p} is a Soft-MoA folder of train_moa.py: score it with python eval_moa.py {p}")
         if os.path.exists(os.path.join(p, "summary.json")):                          # one run
             evaluate_run(p, force=True)
             continue
-        runs = sorted(os.path.join(p, r) for r in os.listdir(p) if os.path.exists(os.path.join(p, r, "summary.json")))
+        runs = [os.path.join(p, r) for r in names] if names else \
+            sorted(os.path.join(p, r) for r in os.listdir(p) if os.path.exists(os.path.join(p, r, "summary.json")))
         if not runs:
             raise SystemExit(f"{p}: no finished run (a folder with summary.json) inside")
         parts = load_parts(p)
-        ctx = train.make_ctx(train.TrainConfig(device="cpu" if parts["llm"].embed_tokens.weight.device.type == "cpu" else "cuda"))
+        ctx = loop.make_ctx("cpu" if parts["llm"].embed_tokens.weight.device.type == "cpu" else "cuda", "auto")
         for r in runs:
             evaluate_run(r, parts=parts, ctx=ctx, force=force)
-        compare(p, runs)
+        compare(p, runs, floors(p, parts, ctx))
 
 
 if __name__ == "__main__":

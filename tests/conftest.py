@@ -28,8 +28,8 @@ def _seed_everything():
 MICRO = ["--n_clips=150", "--enc_d=16", "--enc_layers=1", "--enc_heads=2", "--enc_ff=32",
          "--enc_steps=4", "--enc_batch=8", "--llm_d=32", "--llm_layers=1", "--llm_heads=2",
          "--llm_kv_heads=1", "--llm_ff=64", "--llm_steps=6", "--llm_batch=8", "--d_expert=8",
-         "--d_shared=16", "--steps=6", "--batch=8", "--eval_every=3", "--log_every=3",
-         "--valid_items=16", "--workers=0", "--snapshots=2"]
+         "--d_shared=16", "--align_steps=4", "--steps=6", "--batch=8", "--eval_every=3", "--log_every=3",
+         "--valid_items=16", "--workers=0"]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
+import loop
 import train
+import train_moa
 from conftest import MICRO
 from test_moa import MOA_MICRO
 
@@ -13,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def _weights(path):
-    return train.load(path)
+    return loop.load(path)
 
 
 def test_compiled_adapter_training_matches_eager(tmp_path):
@@ -31,10 +33,10 @@ def test_compiled_adapter_training_matches_eager(tmp_path):
 def test_compiled_soft_moa_fine_tuning_matches_eager(tmp_path):
     eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
     args = ["--benchmarks=esc50", "--methods=soft-pfeiffer", "--seeds=1", "--evaluate=false", *MOA_MICRO]
-    train.main(["moa", f"--out_dir={eager}", *args])
+    train_moa.main([f"--out_dir={eager}", *args])
     os.makedirs(compiled)
     os.symlink(os.path.join(eager, "ast"), os.path.join(compiled, "ast"))
-    train.main(["moa", f"--out_dir={compiled}", "--compile=true", *args])
+    train_moa.main([f"--out_dir={compiled}", "--compile=true", *args])
     a = _weights(os.path.join(eager, "esc50", "soft-pfeiffer-s0", "last.pt"))["model"]
     b = _weights(os.path.join(compiled, "esc50", "soft-pfeiffer-s0", "last.pt"))["model"]
     assert a.keys() == b.keys()

@@ -3,12 +3,14 @@ accuracy and cosine tables by hand, expert shares against a per-clip loop."""
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
 
 import eval as E
 import llm as lm
+import loop
 import train
 
 
@@ -19,7 +21,7 @@ def parts(micro_run):
 
 def test_closed_set_picks_the_choice_a_plain_llm_call_finds_most_likely(micro_run, parts):
     model = E.load_model(os.path.join(micro_run, "moe-s0"), parts)
-    d, tok, ctx = parts["test"], parts["tok"], train.Ctx(torch.device("cpu"))
+    d, tok, ctx = parts["test"], parts["tok"], loop.Ctx(torch.device("cpu"))
     n = min(len(d), 24)
     sub = train.AdapterData(d.items[:n], d.features, tok, "question", d.domains)
     got = E.closed_set(model, sub, tok, ctx, batch=7)
@@ -60,7 +62,7 @@ def test_cosine_table_by_hand():
 def test_expert_usage_matches_a_per_clip_loop(micro_run, parts):
     model = E.load_model(os.path.join(micro_run, "moe-s0"), parts)
     d = parts["test"]
-    usage = E.expert_usage(model, d, train.Ctx(torch.device("cpu")), batch=5)
+    usage = E.expert_usage(model, d, loop.Ctx(torch.device("cpu")), batch=5)
     E_ = model.adapter.cfg.n_experts
     ref = {}
     for j in sorted(set(d.clip.tolist())):
@@ -76,15 +78,29 @@ def test_expert_usage_matches_a_per_clip_loop(micro_run, parts):
 
 def test_evaluate_run_writes_every_analysis(micro_run, parts):
     run = os.path.join(micro_run, "moe-s0")
-    res = E.evaluate_run(run, parts=parts, ctx=train.Ctx(torch.device("cpu")))
+    res = E.evaluate_run(run, parts=parts, ctx=loop.Ctx(torch.device("cpu")))
     saved = json.load(open(os.path.join(run, "eval.json")))
-    assert saved["kind"] == "moe" and set(saved["gradient_conflict"]) == {"0", "6"}
-    for step in res["gradient_conflict"].values():
-        for key in ("task", "domain"):
-            assert -1 <= step[key]["mean"] <= 1 and 0 <= step[key]["conflict"] <= 1
+    assert saved["kind"] == "moe" and set(saved["gradient_conflict"]) == {"task", "domain"}
+    for key in ("task", "domain"):
+        g = res["gradient_conflict"][key]
+        assert -1 <= g["mean"] <= 1 and 0 <= g["conflict"] <= 1
+    # The paper's three domains only: no pair with the mixtures.
+    assert set(res["gradient_conflict"]["domain"]["pairs"]) <= set(E.DOMAIN_PAIRS)
     assert 0 <= res["semantic_closed"] <= 1 and set(res["expert_usage"]) == {"domain", "task"}
     text = E.compare(micro_run, [run])
     assert "| moe | 1 |" in text and os.path.exists(os.path.join(micro_run, "comparison.json"))
+
+
+def test_cli_runs_option_scores_and_compares_only_the_named_runs(micro_run):
+    """train.py's `all` calls `eval.py OUT_DIR --force --runs=...`: other runs in the folder stay out."""
+    other = os.path.join(micro_run, "moe-s9")                  # a finished run (summary.json) never scored
+    shutil.copytree(os.path.join(micro_run, "moe-s0"), other, ignore=shutil.ignore_patterns("eval.json"))
+    try:
+        E.main([micro_run, "--force", "--runs=moe-s0"])
+        assert not os.path.exists(os.path.join(other, "eval.json"))
+        assert json.load(open(os.path.join(micro_run, "comparison.json")))["kinds"]["moe"]["seeds"] == [0]
+    finally:
+        shutil.rmtree(other)
 
 
 def test_cli_names_bad_folders(tmp_path):
@@ -94,3 +110,29 @@ def test_cli_names_bad_folders(tmp_path):
         E.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown option"):
         E.main([str(tmp_path), "--fast"])
+
+
+def test_paired_differences_by_hand():
+    moe = [dict(seed=s, x=v) for s, v in ((0, 0.5), (1, 0.7), (2, 0.4))]
+    dense = [dict(seed=s, x=v) for s, v in ((0, 0.4), (1, 0.7), (3, 0.9))]    # seed 2 vs 3: unpaired
+    p = E.paired(moe, dense, "x")
+    assert p["n"] == 2 and p["wins"] == 1                       # +0.1 wins, 0.0 does not
+    assert p["mean"] == pytest.approx(0.05) and p["std"] == pytest.approx(0.1 / 2 ** 0.5)
+
+
+def test_text_ceiling_reads_the_clip_labels_before_the_question():
+    items = [dict(index=3, task="word", answer="yes", question="Which word?", prompt="Which word? A."),
+             dict(index=3, task="emotion", answer="sad", question="How?", prompt="How? B.")]
+    got = E.with_facts(items)
+    assert [g["question"] for g in got] == ["yes sad. Which word?", "yes sad. How?"]
+    assert got[1]["prompt"] == "yes sad. How? B." and got[0]["answer"] == "yes"
+
+
+def test_pooled_features_are_the_mean_over_real_frames(parts):
+    x = E.pooled(parts, "test", "encoder")
+    feats, mask = parts["test"].clip_features(torch.tensor([0, 1]), "cpu")
+    for j in range(2):
+        torch.testing.assert_close(x[j], feats[j][mask[j]].mean(0))
+    mel = E.pooled(parts, "test", "log-mel")
+    m, frames = parts["mels"]["test"].batch(torch.tensor([0]))
+    torch.testing.assert_close(mel[0], m[0, :, :int(frames[0])].float().mean(1))

@@ -1,4 +1,4 @@
-"""train.py moa / moa-ablate and eval.py's Soft-MoA part against independent references: the
+"""train_moa.py (all / ablate) and eval_moa.py against independent references: the
 paper's trainable set and zero-init rule, MACs by the paper's formulas, fold rotation by hand,
 test accuracy against one clip at a time, the cosine schedule by hand."""
 import json
@@ -12,8 +12,10 @@ import torch
 
 import data
 import encoder as enc
-import eval as eval_
-import train
+import eval as E
+import eval_moa
+import loop
+import train_moa
 
 # A microscopic Soft-MoA configuration: pre-training and every method, in seconds.
 MOA_MICRO = ["--bench_clips=100", "--pre_clips=100", "--pre_epochs=1", "--ast_d=16", "--ast_layers=2",
@@ -23,7 +25,7 @@ MOA_MICRO = ["--bench_clips=100", "--pre_clips=100", "--pre_epochs=1", "--ast_d=
 @pytest.fixture(scope="module")
 def moa_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("moa"))
-    train.main(["moa", f"--out_dir={out}", "--benchmarks=esc50,speechcommands", "--seeds=2", *MOA_MICRO])
+    train_moa.main([f"--out_dir={out}", "--benchmarks=esc50,speechcommands", "--seeds=2", *MOA_MICRO])
     return out
 
 
@@ -34,7 +36,7 @@ def _summary(path):
 
 def test_moa_runs_every_method_and_prints_the_table(moa_run, capsys):
     table = open(os.path.join(moa_run, "moa.md")).read()
-    for method in train.MOA_METHODS:
+    for method in train_moa.MOA_METHODS:
         assert f"| {method} |" in table
         for bench in ("esc50", "speechcommands"):
             for seed in (0, 1):
@@ -44,34 +46,34 @@ def test_moa_runs_every_method_and_prints_the_table(moa_run, capsys):
     assert "| esc50 | speechcommands |" in table.splitlines()[2]
     assert "share of its mixture's output" in table
     # A second call reuses every finished run; changed settings in the same folder are refused.
-    train.main(["moa", f"--out_dir={moa_run}", "--benchmarks=esc50,speechcommands", "--seeds=2",
+    train_moa.main([f"--out_dir={moa_run}", "--benchmarks=esc50,speechcommands", "--seeds=2",
                 "--evaluate=false", *MOA_MICRO])
     assert "soft-pfeiffer s0:" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="other settings"):
-        train.main(["moa", f"--out_dir={moa_run}", "--benchmarks=esc50", "--seeds=1", *MOA_MICRO, "--lr=1e-2"])
+        train_moa.main([f"--out_dir={moa_run}", "--benchmarks=esc50", "--seeds=1", *MOA_MICRO, "--lr=1e-2"])
 
 
 def test_fold_benchmarks_rotate_the_test_fold_with_the_seed():
     splits = [f"fold{i % 5 + 1}" for i in range(50)]
     for seed in range(7):
-        roles = train.fold_split(splits, seed)
+        roles = train_moa.fold_split(splits, seed)
         test, valid = f"fold{seed % 5 + 1}", f"fold{(seed + 1) % 5 + 1}"
         assert {splits[i] for i in roles["test"].tolist()} == {test}
         assert {splits[i] for i in roles["valid"].tolist()} == {valid}
         assert sorted(sum((v.tolist() for v in roles.values()), [])) == list(range(50))
     plain = ["train"] * 8 + ["valid", "test"]
     for seed in (0, 3):
-        roles = train.fold_split(plain, seed)
+        roles = train_moa.fold_split(plain, seed)
         assert roles["test"].tolist() == [9] and roles["valid"].tolist() == [8]
     with pytest.raises(SystemExit, match="no test clips"):
-        train.fold_split(["train", "valid"], 0)
+        train_moa.fold_split(["train", "valid"], 0)
 
 
 def test_cosine_schedule_by_hand():
-    s = train.Schedule(steps=10, batch=1, lr=2.0, warmup=0, shape="cosine")
-    assert train.lr_at(0, s) == pytest.approx(2.0)
-    assert train.lr_at(5, s) == pytest.approx(1.0)
-    assert train.lr_at(9, s) == pytest.approx(1 + math.cos(math.pi * 0.9))
+    s = loop.Schedule(steps=10, batch=1, lr=2.0, warmup=0, shape="cosine")
+    assert loop.lr_at(0, s) == pytest.approx(2.0)
+    assert loop.lr_at(5, s) == pytest.approx(1.0)
+    assert loop.lr_at(9, s) == pytest.approx(1 + math.cos(math.pi * 0.9))
 
 
 def _tiny_ast():
@@ -81,11 +83,11 @@ def _tiny_ast():
     return dict(config=cfg, model=model.state_dict(), mean=0.0, std=1.0)
 
 
-@pytest.mark.parametrize("method", list(train.MOA_METHODS))
+@pytest.mark.parametrize("method", list(train_moa.MOA_METHODS))
 def test_peft_model_trains_what_the_paper_trains_and_starts_as_the_frozen_ast(method):
     ast = _tiny_ast()
-    model, trainable = train.build_peft_model(ast, method, n_classes=5, frames=60, r=3, n_experts=4, slots=2)
-    placement, kind = train.MOA_METHODS[method]
+    model, trainable = train_moa.build_peft_model(ast, method, n_classes=5, frames=60, r=3, n_experts=4, slots=2)
+    placement, kind = train_moa.MOA_METHODS[method]
     names = [k for k, _ in model.named_parameters()]
     if method == "full":
         want = set(names)
@@ -109,23 +111,23 @@ def test_peft_model_trains_what_the_paper_trains_and_starts_as_the_frozen_ast(me
 
 def test_adapter_macs_follow_the_paper_formulas():
     d, L, r, n, p, m = 64, 4, 4, 7, 1, 47
-    assert train.adapter_macs("linear", d, L, r, n, p, m) == 0
-    assert train.adapter_macs("single-pfeiffer", d, L, r, n, p, m) == L * 2 * d * r
-    assert train.adapter_macs("dense-houlsby", d, L, r, n, p, m) == 2 * L * (n * 2 * d * r + d * n)
-    assert train.adapter_macs("soft-pfeiffer", d, L, r, n, p, m) == pytest.approx(L * (3 * d * n * p + n * p * 2 * d * r / m))
+    assert train_moa.adapter_macs("linear", d, L, r, n, p, m) == 0
+    assert train_moa.adapter_macs("single-pfeiffer", d, L, r, n, p, m) == L * 2 * d * r
+    assert train_moa.adapter_macs("dense-houlsby", d, L, r, n, p, m) == 2 * L * (n * 2 * d * r + d * n)
+    assert train_moa.adapter_macs("soft-pfeiffer", d, L, r, n, p, m) == pytest.approx(L * (3 * d * n * p + n * p * 2 * d * r / m))
 
 
 def test_test_accuracy_matches_one_clip_at_a_time(moa_run):
     run = os.path.join(moa_run, "esc50", "soft-houlsby-s1")
     res = json.load(open(os.path.join(run, "eval.json")))
     s = _summary(run)
-    ast = train.load(os.path.join(moa_run, "ast", "ast.pt"))
-    cache = train.load(os.path.join(moa_run, "data", "esc50.pt"))
-    test = train.fold_split(cache["split"], 1)["test"]
+    ast = loop.load(os.path.join(moa_run, "ast", "ast.pt"))
+    cache = loop.load(os.path.join(moa_run, "data", "esc50.pt"))
+    test = train_moa.fold_split(cache["split"], 1)["test"]
     assert {cache["split"][i] for i in test.tolist()} == {"fold2"}
-    model, _ = train.build_peft_model(ast, "soft-houlsby", len(cache["classes"]), cache["x"].shape[1],
+    model, _ = train_moa.build_peft_model(ast, "soft-houlsby", len(cache["classes"]), cache["x"].shape[1],
                                       s["config"]["r"], s["config"]["n_experts"], s["config"]["slots"])
-    model.load_state_dict(train.load(os.path.join(run, "best.pt")), strict=False)
+    model.load_state_dict(loop.load(os.path.join(run, "best.pt")), strict=False)
     model.eval()
     hits = []
     for i in test.tolist():
@@ -143,8 +145,8 @@ def test_test_accuracy_matches_one_clip_at_a_time(moa_run):
 
 
 def test_frozen_weights_are_not_in_the_checkpoints(moa_run):
-    ast = train.load(os.path.join(moa_run, "ast", "ast.pt"))
-    best = train.load(os.path.join(moa_run, "speechcommands", "soft-pfeiffer-s0", "best.pt"))
+    ast = loop.load(os.path.join(moa_run, "ast", "ast.pt"))
+    best = loop.load(os.path.join(moa_run, "speechcommands", "soft-pfeiffer-s0", "best.pt"))
     frozen = [k for k in best if ".adapters." not in k
               and (k.startswith(("patch_embed", "pos_embed", "cls_token", "dist_token")) or ".attn." in k or ".mlp." in k)]
     assert not frozen
@@ -155,7 +157,7 @@ def test_ablation_keeps_the_parameter_budget(tmp_path, moa_run):
     out = str(tmp_path / "abl")
     os.makedirs(out)
     os.symlink(os.path.join(moa_run, "ast"), os.path.join(out, "ast"))         # reuse the pre-trained AST
-    train.main(["moa-ablate", f"--out_dir={out}", "--ablate_benchmark=esc50", "--seeds=1",
+    train_moa.main(["ablate", f"--out_dir={out}", "--ablate_benchmark=esc50", "--seeds=1",
                 "--ablate_budget=12", "--ablate_experts=2,4", "--ablate_slots=1,3", *MOA_MICRO])
     rows = json.load(open(os.path.join(out, "ablation.json")))
     assert set(rows) == {"soft-pfeiffer | 2 | 6 | 1", "soft-pfeiffer | 4 | 3 | 1", "dense-pfeiffer | 2 | 6 | 1",
@@ -171,18 +173,20 @@ def test_ablation_keeps_the_parameter_budget(tmp_path, moa_run):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["moa", "--benchmarks=esc50,audioset"], "unknown benchmark 'audioset'"),
-    (["moa", "--methods=soft,dense"], "unknown method 'soft'"),
-    (["moa-ablate", "--ablate_experts=5"], "do not divide ablate_budget=24"),
-    (["moa", "--lora_rank=2"], "lora_rank"),
-    (["moa", "--config=paper"], "pass --ast_checkpoint=PATH"),
-    (["moa-ablate", "--ablate_experts=0,2"], "ablate_experts must be comma-separated integers >= 1, got '0,2'"),
-    (["moa-ablate", "--ablate_slots=1,x"], "ablate_slots must be comma-separated integers >= 1"),
-    (["moa-ablate", "--ablate_slots=,"], "ablate_slots must be comma-separated integers >= 1"),
+    (["--benchmarks=esc50,audioset"], "unknown benchmark 'audioset'"),
+    (["--methods=soft,dense"], "unknown method 'soft'"),
+    (["ablate", "--ablate_experts=5"], "do not divide ablate_budget=24"),
+    (["--lora_rank=2"], "lora_rank"),
+    (["--config=paper"], "pass --ast_checkpoint=PATH"),
+    (["ablate", "--ablate_experts=0,2"], "ablate_experts must be comma-separated integers >= 1, got '0,2'"),
+    (["ablate", "--ablate_slots=1,x"], "ablate_slots must be comma-separated integers >= 1"),
+    (["ablate", "--ablate_slots=,"], "ablate_slots must be comma-separated integers >= 1"),
+    (["nope"], "unknown command 'nope'; allowed: all, ablate"),
+    (["moa"], "unknown command 'moa'"),
 ])
 def test_moa_cli_rejects_bad_options_by_name(argv, message):
     with pytest.raises(SystemExit, match=message):
-        train.parse_args(argv)
+        train_moa.parse_args(argv)
 
 
 def _tone(freq, seconds=0.5, sr=16000):
@@ -193,7 +197,7 @@ def _tone(freq, seconds=0.5, sr=16000):
 def _run_on_data_dir(root, out, moa_run):
     os.makedirs(out)
     os.symlink(os.path.join(moa_run, "ast"), os.path.join(out, "ast"))         # reuse the pre-trained AST
-    train.main(["moa", f"--out_dir={out}", f"--data_dir={root}", "--methods=soft-pfeiffer,linear", "--seeds=2",
+    train_moa.main([f"--out_dir={out}", f"--data_dir={root}", "--methods=soft-pfeiffer,linear", "--seeds=2",
                 "--max_seconds=0.5", *MOA_MICRO])
     table = open(os.path.join(out, "moa.md")).read()
     assert "| soft-pfeiffer |" in table and "| linear |" in table
@@ -259,11 +263,11 @@ def test_a_real_ast_checkpoint_is_the_frozen_backbone(tmp_path, method):
     """--ast_checkpoint with a transformers AST: every method starts as that AST (zero-init
     up-projections), its AudioSet classifier dropped for the new head."""
     hf = _hf_ast_folder(tmp_path / "hub")
-    cfg = train.parse_args(["moa", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=32", *MOA_MICRO])[1]
-    ast = train.stage_ast(cfg, train.Ctx(torch.device("cpu")), resume=False)
+    cfg = train_moa.parse_args([f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=32", *MOA_MICRO])[1]
+    ast = train_moa.stage_ast(cfg, loop.Ctx(torch.device("cpu")), resume=False)
     assert (ast["mean"], ast["std"]) == (enc.AST_MEAN, enc.AST_STD)
     assert not any(k.startswith("head.") for k in ast["model"])
-    model, trainable = train.build_peft_model(ast, method, n_classes=3, frames=64, r=2, n_experts=3, slots=1)
+    model, trainable = train_moa.build_peft_model(ast, method, n_classes=3, frames=64, r=2, n_experts=3, slots=1)
     assert trainable and all(k.startswith("head.") or ".adapters." in k or "norm" in k for k in trainable)
     x = torch.randn(2, 64, 32)
     with torch.no_grad():
@@ -276,32 +280,35 @@ def test_moa_with_a_real_ast_checkpoint_skips_pre_training(tmp_path):
     out = tmp_path / "out"
     # Speech-Commands-like clips are 1 s (98 frames), longer than the checkpoint's 64: its
     # position table is resized, as load_ast does for AST-Base on other clip lengths.
-    train.main(["moa", f"--out_dir={out}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=32",
+    train_moa.main([f"--out_dir={out}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=32",
                 "--benchmarks=speechcommands", "--methods=soft-pfeiffer", "--seeds=1", *MOA_MICRO])
     assert not (out / "ast").exists()
     run = out / "speechcommands" / "soft-pfeiffer-s0"
     scored = json.load(open(run / "eval.json"))
     assert scored["n_test"] > 0
-    # eval.py knows the folder by its config.json (there is no ast/), also from a run inside it.
+    # eval_moa.py knows the folder by its config.json (there is no ast/), also from a run inside it;
+    # eval.py sends it there.
     for path in (out, run):
         os.remove(run / "eval.json")
-        eval_.main([str(path)])
+        eval_moa.main([str(path)])
         assert json.load(open(run / "eval.json"))["accuracy"] == scored["accuracy"]
-    paper = train.parse_args(["moa", "--config=paper", f"--ast_checkpoint={tmp_path / 'hub'}"])[1]
+    with pytest.raises(SystemExit, match="score it with python eval_moa.py"):
+        E.main([str(run)])
+    paper = train_moa.parse_args(["--config=paper", f"--ast_checkpoint={tmp_path / 'hub'}"])[1]
     assert (paper.n_mels, paper.r, paper.n_experts, paper.slots) == (128, 6, 7, 1)   # papers.md, Soft-MoA defaults
     with pytest.raises(SystemExit, match="takes 32 mel bins but --n_mels=16; set --n_mels=32"):
-        train.main(["moa", f"--out_dir={tmp_path / 'out2'}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=16",
+        train_moa.main([f"--out_dir={tmp_path / 'out2'}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=16",
                     "--benchmarks=speechcommands", *MOA_MICRO])
 
 
 def test_ast_checkpoint_errors_name_the_file_and_the_fix(tmp_path, moa_run):
-    ctx = train.Ctx(torch.device("cpu"))
+    ctx = loop.Ctx(torch.device("cpu"))
     ours = os.path.join(moa_run, "ast", "ast.pt")                # our own pre-trained AST, 64 mel bins
-    cfg = train.parse_args(["moa", f"--ast_checkpoint={ours}"])[1]
-    assert train.stage_ast(cfg, ctx, resume=False)["config"]["num_mel_bins"] == 64
-    cfg = train.parse_args(["moa", f"--ast_checkpoint={ours}", "--n_mels=128"])[1]
+    cfg = train_moa.parse_args([f"--ast_checkpoint={ours}"])[1]
+    assert train_moa.stage_ast(cfg, ctx, resume=False)["config"]["num_mel_bins"] == 64
+    cfg = train_moa.parse_args([f"--ast_checkpoint={ours}", "--n_mels=128"])[1]
     with pytest.raises(SystemExit, match=r"ast.pt: the AST takes 64 mel bins but --n_mels=128; set --n_mels=64"):
-        train.stage_ast(cfg, ctx, resume=False)
-    cfg = train.parse_args(["moa", f"--ast_checkpoint={tmp_path / 'nope.pt'}"])[1]
+        train_moa.stage_ast(cfg, ctx, resume=False)
+    cfg = train_moa.parse_args([f"--ast_checkpoint={tmp_path / 'nope.pt'}"])[1]
     with pytest.raises(SystemExit, match=r"nope.pt: no such file or folder"):
-        train.stage_ast(cfg, ctx, resume=False)
+        train_moa.stage_ast(cfg, ctx, resume=False)

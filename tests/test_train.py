@@ -12,30 +12,35 @@ import pytest
 import torch
 
 import data
+import loop
 import train
 from conftest import MICRO, ROOT
 from moe_adapter import MoEAdapter, MoEAdapterConfig, load_balancing_loss
 
 
-def test_whole_pipeline_prints_the_comparison_and_reuses_finished_stages(tmp_path, capsys):
+def test_whole_pipeline_prints_the_comparison_and_reuses_finished_stages(tmp_path, capfd):
     out = str(tmp_path / "run")
     train.main(["all", f"--out_dir={out}", "--seeds=2", *MICRO])
-    text = capsys.readouterr().out
+    text = capfd.readouterr().out                    # the comparison comes from eval.py's process
     for kind in ("moe", "dense-flops", "dense-params"):
         assert f"| {kind} | 2 |" in text
         for seed in (0, 1):
             run = os.path.join(out, f"{kind}-s{seed}")
             for f in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "eval.json",
-                      "snapshots/step0.pt", "snapshots/step6.pt"):
+                      "align/best.pt", "align/metrics.jsonl"):
                 assert os.path.exists(os.path.join(run, f)), f
-    for f in ("mel.pt", "features.pt", "encoder/encoder.pt", "llm/llm.pt", "comparison.md", "comparison.json"):
+    for f in ("mel.pt", "features.pt", "encoder/encoder.pt", "llm/llm.pt", "comparison.md", "comparison.json",
+              "floors.json"):
         assert os.path.exists(os.path.join(out, f)), f
     assert "params" in text and "active" in text and "MFLOPs/token" in text
     table = json.load(open(os.path.join(out, "comparison.json")))
-    assert table["moe"]["seeds"] == [0, 1] and len(table["moe"]["all_closed"]) == 2
+    assert table["kinds"]["moe"]["seeds"] == [0, 1] and len(table["kinds"]["moe"]["all_closed"]) == 2
+    for name in ("chance", "probe: log-mel", "probe: encoder", "text ceiling"):
+        assert f"| {name} |" in text
+    assert table["paired"]["moe - dense-flops"]["all"]["n"] == 2
     # A second call reuses every finished stage; other settings in the same folder are refused.
     train.main(["all", f"--out_dir={out}", "--seeds=2", "--evaluate=false", *MICRO])
-    assert "finished earlier, reusing" in capsys.readouterr().out
+    assert "finished earlier, reusing" in capfd.readouterr().out
     with pytest.raises(SystemExit, match="other settings"):
         train.main(["adapter", f"--out_dir={out}", *MICRO, "--llm_steps=7"])
 
@@ -77,25 +82,26 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
         shutil.copy(os.path.join(full, f), cut)
     for d in ("encoder", "llm"):
         shutil.copytree(os.path.join(full, d), os.path.join(cut, d))
-    real_lr_at = train.lr_at
+    real_lr_at = loop.lr_at
 
     def crash_at_4(step, s):
         if step == 4 and s.steps == 6 and s.batch == 8:
             raise KeyboardInterrupt("simulated crash")
         return real_lr_at(step, s)
-    monkeypatch.setattr(train, "lr_at", crash_at_4)
+    monkeypatch.setattr(loop, "lr_at", crash_at_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(["adapter", f"--out_dir={cut}", *MICRO])
     assert _tensors(os.path.join(cut, "moe-s0", "last.pt"), None)["step"] == 3     # the last checkpoint
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    monkeypatch.setattr(loop, "lr_at", real_lr_at)
     # A partial run continues only with the settings it was started with.
-    with pytest.raises(SystemExit, match=r"partial moe s0 run made with other settings \(lr: "):
+    with pytest.raises(SystemExit, match=r"partial moe s0 (align )?run made with other settings \(lr: "):
         train.main(["adapter", "--resume", f"--out_dir={cut}", *MICRO, "--lr=0.5"])
     train.main(["adapter", "--resume", f"--out_dir={cut}", *MICRO])
-    a = _tensors(os.path.join(full, "moe-s0", "last.pt"), "model")["adapter"]
-    b = _tensors(os.path.join(cut, "moe-s0", "last.pt"), "model")["adapter"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    for part in ("adapter", "llm"):                  # the LLM is fine-tuned in 3b: it resumes too
+        a = _tensors(os.path.join(full, "moe-s0", "last.pt"), "model")[part]
+        b = _tensors(os.path.join(cut, "moe-s0", "last.pt"), "model")[part]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     # Step 4 was logged before the crash and trained again: one record per step. The last record's
     # time per step covers all 6 steps, the 3 before the resume too.
     records = [json.loads(line) for line in open(os.path.join(cut, "moe-s0", "metrics.jsonl"))]
@@ -104,43 +110,48 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
     assert records[-1]["ms_per_step"] == pytest.approx(1e3 * summary["seconds"] / 6)
 
 
-def test_each_lora_run_of_all_starts_from_the_base_llm_as_when_run_alone(tmp_path):
-    """`all` trains its runs on one shared LLM object: the second run's LoRA must start fresh."""
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_each_run_of_all_starts_from_the_pretrained_llm_as_when_run_alone(tmp_path, tune):
+    """`all` trains its runs in one process: the second run must not start from the LLM the first tuned."""
     both, alone = str(tmp_path / "both"), str(tmp_path / "alone")
-    train.main(["all", f"--out_dir={both}", "--adapters=moe", "--seeds=2", "--lora_rank=2", "--evaluate=false", *MICRO])
+    flags = [f"--tune_llm={tune}", "--lora_rank=2", *MICRO]
+    train.main(["all", f"--out_dir={both}", "--adapters=moe", "--seeds=2", "--evaluate=false", *flags])
     os.makedirs(alone)
     shutil.copy(os.path.join(both, "mel.pt"), alone)
     for d in ("encoder", "llm"):
         shutil.copytree(os.path.join(both, d), os.path.join(alone, d))
-    train.main(["adapter", f"--out_dir={alone}", "--seed=1", "--lora_rank=2", *MICRO])
+    train.main(["adapter", f"--out_dir={alone}", "--seed=1", *flags])
     a = _tensors(os.path.join(both, "moe-s1", "last.pt"), "model")
     b = _tensors(os.path.join(alone, "moe-s1", "last.pt"), "model")
-    assert a["lora"].keys() == b["lora"].keys() and len(a["lora"]) == 4      # q and v of the one layer
-    for part in ("adapter", "lora"):
-        for k in a[part]:
-            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=1e-6, msg=f"{part} {k}")
+    part = "llm" if tune == "full" else "lora"
+    assert a[part].keys() == b[part].keys()
+    if tune == "lora":
+        assert len(a["lora"]) == 4                                             # q and v of the one layer
+    for p in ("adapter", part):
+        for k in a[p]:
+            torch.testing.assert_close(a[p][k], b[p][k], rtol=0, atol=1e-6, msg=f"{p} {k}")
 
 
 def test_lr_schedule_warmup_stable_decay_by_hand():
-    s = train.Schedule(steps=100, batch=1, lr=1.0, warmup=10, decay_frac=0.2)
-    assert train.lr_at(0, s) == pytest.approx(0.1)            # (0 + 1) / 10
-    assert train.lr_at(9, s) == pytest.approx(1.0)
-    assert train.lr_at(50, s) == 1.0
-    assert train.lr_at(80, s) == pytest.approx(1.0)           # decay starts at step 80
-    assert train.lr_at(90, s) == pytest.approx(0.5)
-    assert train.lr_at(99, s) == pytest.approx(0.05)
+    s = loop.Schedule(steps=100, batch=1, lr=1.0, warmup=10, decay_frac=0.2)
+    assert loop.lr_at(0, s) == pytest.approx(0.1)            # (0 + 1) / 10
+    assert loop.lr_at(9, s) == pytest.approx(1.0)
+    assert loop.lr_at(50, s) == 1.0
+    assert loop.lr_at(80, s) == pytest.approx(1.0)           # decay starts at step 80
+    assert loop.lr_at(90, s) == pytest.approx(0.5)
+    assert loop.lr_at(99, s) == pytest.approx(0.05)
 
 
 def test_batch_order_epochs_are_permutations_and_ranks_split_the_global_batch():
-    one = train.Ctx(torch.device("cpu"))
+    one = loop.Ctx(torch.device("cpu"))
     n, G = 20, 4
-    epoch = torch.cat([train.batch_indices(s, n, G, 0, one) for s in range(5)])
+    epoch = torch.cat([loop.batch_indices(s, n, G, 0, one) for s in range(5)])
     assert sorted(epoch.tolist()) == list(range(n))                     # each item once per epoch
-    nxt = torch.cat([train.batch_indices(s, n, G, 0, one) for s in range(5, 10)])
+    nxt = torch.cat([loop.batch_indices(s, n, G, 0, one) for s in range(5, 10)])
     assert sorted(nxt.tolist()) == list(range(n)) and not torch.equal(epoch, nxt)
     for step in (0, 7):
-        ranks = [train.batch_indices(step, n, G, 0, train.Ctx(torch.device("cpu"), r, 2)) for r in (0, 1)]
-        assert torch.equal(torch.cat(ranks), train.batch_indices(step, n, G, 0, one))
+        ranks = [loop.batch_indices(step, n, G, 0, loop.Ctx(torch.device("cpu"), r, 2)) for r in (0, 1)]
+        assert torch.equal(torch.cat(ranks), loop.batch_indices(step, n, G, 0, one))
 
 
 def test_global_balance_loss_in_one_process_is_eq4():
@@ -151,7 +162,7 @@ def test_global_balance_loss_in_one_process_is_eq4():
     h = moe.norm_in(torch.cat([x[b, :int(mask[b].sum())].reshape(-1, 16) for b in range(3)]))
     probs = moe.router(h).softmax(-1)                                     # the 5 + 3 + 2 real tokens
     ref = load_balancing_loss(probs, probs.topk(2, -1).indices)
-    got = train.balance_loss(aux, train.Ctx(torch.device("cpu")))
+    got = train.balance_loss(aux, loop.Ctx(torch.device("cpu")))
     torch.testing.assert_close(got, ref)
     g1 = torch.autograd.grad(got, moe.router.weight, retain_graph=True)[0]
     g2 = torch.autograd.grad(ref, moe.router.weight)[0]
@@ -160,14 +171,29 @@ def test_global_balance_loss_in_one_process_is_eq4():
 
 def test_text_documents_state_the_answer_before_the_question():
     choices = {"word": ["yes", "no"], "emotion": ["happy", "sad", "angry"], "rate": ["slow", "fast"]}
-    for i in range(50):
+    captions = 0
+    for i in range(60):
         ctx_text, answer = train.text_document(np.random.default_rng(i), choices, "question", 3)
         facts, question = ctx_text.split(". ", 1)
+        if question == train.CAPTION:             # every stated fact, in data.TASKS order
+            captions += 1
+            told = facts.split()
+            assert answer.split() == sorted(told, key=lambda w: next(list(data.TASKS).index(t)
+                                                                      for t, c in choices.items() if w in c))
+            continue
         asked = next(t for t, task in data.TASKS.items() if question in task.questions)
         assert answer in choices[asked] and answer in facts.split()
-    again = train.text_document(np.random.default_rng(3), choices, "full", 3)
-    assert again == train.text_document(np.random.default_rng(3), choices, "full", 3)
-    assert "Answer with one of:" in again[0]
+    assert 0.15 < captions / 60 < 0.45                # CAPTION_SHARE = 0.3
+    again = train.text_document(np.random.default_rng(4), choices, "full", 3)
+    assert again == train.text_document(np.random.default_rng(4), choices, "full", 3)
+    assert "Answer with one of:" in again[0] or again[0].endswith(train.CAPTION)
+
+
+def test_caption_items_state_every_label_of_a_clip_in_task_order():
+    items = [dict(index=7, task="rate", answer="fast"), dict(index=7, task="word", answer="yes"),
+             dict(index=9, task="sound", answer="dog"), dict(index=7, task="emotion", answer="sad")]
+    got = {c["index"]: c["answer"] for c in train.caption_items(items)}
+    assert got == {7: "yes sad fast", 9: "dog"}                     # word, emotion, rate: TASKS order
 
 
 def test_folder_per_class_data_is_split_by_file_name(tmp_path):
@@ -190,6 +216,7 @@ def test_folder_per_class_data_is_split_by_file_name(tmp_path):
     (["--stpes=3"], "did you mean --steps"),
     (["--steps=three"], "--steps takes a value of type int"),
     (["steps=3"], "unknown command 'steps=3'"),
+    (["moa"], "unknown command 'moa'"),                    # train_moa.py now
     (["--config=huge"], "unknown config 'huge'"),
     (["--adapters=moe,sparse"], "unknown adapter 'sparse'"),
     (["--prompt=long"], "prompt must be"),
@@ -197,6 +224,16 @@ def test_folder_per_class_data_is_split_by_file_name(tmp_path):
 def test_cli_rejects_bad_options_by_name(argv, message):
     with pytest.raises(SystemExit, match=message):
         train.main(argv)
+
+
+def test_training_scripts_never_import_the_evaluation_ones():
+    """loop <- train, train_moa <- eval, eval_moa: train.py and train_moa.py run the evaluation
+    in its own process (loop.run_script), lazy imports included."""
+    from importscan import imported_packages
+    ours = {"loop", "train", "train_moa", "eval", "eval_moa"}
+    deps = {f: imported_packages(os.path.join(ROOT, f + ".py")) & ours for f in ours}
+    assert deps == {"loop": set(), "train": {"loop"}, "train_moa": {"loop"}, "eval": {"loop", "train"},
+                    "eval_moa": {"loop", "train_moa", "eval"}}
 
 
 def test_presets_resolve():
@@ -214,7 +251,7 @@ def test_presets_resolve():
 def test_live_features_equal_a_hand_computation_and_the_cache_up_to_its_fp16_mels(tmp_path):
     import encoder as enc
     cfg = train.parse_args(["adapter", f"--out_dir={tmp_path}", *MICRO])[1]
-    ctx = train.Ctx(torch.device("cpu"))
+    ctx = loop.Ctx(torch.device("cpu"))
     srcs = train.sources(cfg)
     torch.manual_seed(0)
     encoder = enc.WhisperEncoder(train.encoder_config(cfg)).eval()   # random weights: the path is under test
@@ -243,10 +280,10 @@ def test_live_features_equal_a_hand_computation_and_the_cache_up_to_its_fp16_mel
         torch.testing.assert_close(got_x[b], cached_x[i], rtol=0, atol=5e-3)
 
 
-def test_live_encoder_pipeline_runs_end_to_end_and_writes_no_cache(tmp_path, capsys):
+def test_live_encoder_pipeline_runs_end_to_end_and_writes_no_cache(tmp_path, capfd):
     out = str(tmp_path / "live")
     train.main(["all", f"--out_dir={out}", "--cache_features=false", "--seeds=1", "--adapters=moe", *MICRO])
-    text = capsys.readouterr().out
+    text = capfd.readouterr().out
     assert "| moe | 1 |" in text and "eval moe-s0:" in text
     for f in ("config.json", "encoder/encoder.pt", "llm/llm.pt", "moe-s0/best.pt", "moe-s0/eval.json",
               "comparison.json"):
@@ -316,13 +353,13 @@ def test_adapter_trains_and_evaluates_on_a_hugging_face_llm_folder(tmp_path, cap
     summary = json.load(open(os.path.join(out, "moe-s0", "summary.json")))
     assert summary["steps"] == 6 and math.isfinite(summary["best_valid"])
     # eval.py finds the same checkpoint from the run's config.json, with the tokenizer's own ids.
-    parts = E.load_parts(out, train.Ctx(torch.device("cpu")))
+    parts = E.load_parts(out, loop.Ctx(torch.device("cpu")))
     tok, llm_cfg = parts["tok"], parts["llm"].cfg
     assert (llm_cfg.bos_id, llm_cfg.eos_id, llm_cfg.audio_token_id) == (None, eos, audio)
     it = parts["test"].items[0]
     assert tok.encode(it["question"]) == ref_tok.encode(it["question"], add_special_tokens=False).ids
     assert 0 not in tok.encode(it["question"]) + tok.encode(it["answer"])     # no <unk>: the vocabulary covers the task
-    res = E.evaluate_run(os.path.join(out, "moe-s0"), parts=parts, ctx=train.Ctx(torch.device("cpu")))
+    res = E.evaluate_run(os.path.join(out, "moe-s0"), parts=parts, ctx=loop.Ctx(torch.device("cpu")))
     assert 0 <= res["all_closed"] <= 1 and 0 <= res["all_exact"] <= 1
     # Training labels end every answer with the checkpoint's EOS (build_batch's layout).
     _, _, prompts, answers = parts["train"].batch(torch.arange(2), "cpu")
