@@ -3,14 +3,16 @@ model, the MoE adapter against its dense baselines (Lei et al., arXiv 2601.02967
 comparison (Cappellazzo et al., arXiv 2402.00828) is train_moa.py; the training loop and process
 plumbing both share are in loop.py.
 
-    audio -> log-mel -> Whisper-style encoder (frozen) -> adapter -> decoder LLM (frozen) -> answer
+    audio -> log-mel -> Whisper-style encoder (frozen) -> adapter -> decoder LLM -> answer
 
 The pipeline, one stage per command, each checkpointed in --out_dir and reused when finished:
 
     python train.py                        # everything below on the tiny config, then eval.py's table
     python train.py encoder                # 1. masked-spectrogram pre-training of the encoder
     python train.py llm                    # 2. text-only pre-training of the LLM
-    python train.py adapter --adapter=moe --seed=0    # 3. one adapter run (encoder and LLM frozen)
+    python train.py adapter --adapter=moe --seed=0    # 3. one adapter run (3a + 3b)
+    python train.py heterogeneity          # control: the comparison on speech alone vs all domains
+    python train.py capacity               # control: the comparison with narrower / wider experts
     python train.py --config=small --seeds=5          # any TrainConfig field as --key=value
     torchrun --nproc_per_node=2 train.py ...          # DistributedDataParallel (gloo CPU / nccl GPU)
 
@@ -18,21 +20,21 @@ The pipeline, one stage per command, each checkpointed in --out_dir and reused w
    learned vector and the encoder reconstructs them (a masked-acoustic-model objective standing in
    for Whisper's pre-training). `--encoder_checkpoint=PATH` (a Whisper checkpoint that
    encoder.load_whisper_encoder reads, or our own encoder.pt) skips it.
-2. The LLM learns on text alone: documents that state a few facts in templated sentences ("the
-   emotion is happy. the word is yes.") then ask one task question and answer it, so it learns the
-   answer sets and to read the answer off the context. The audio tokens later take the place of
-   the facts. `--llm_checkpoint=PATH` (our llm.pt, or a Hugging Face directory with
-   tokenizer.json and an "audio_token_id" in its config.json) skips it.
-3. Each adapter (`moe`, `dense-flops`, `dense-params`, see moe_adapter.build_adapter) is trained
-   on every (clip, task) question of the training split with the next-token loss on the answer plus
-   the MoE auxiliary losses, formed over the global batch (Eq. 4 with data parallelism too).
+2. The LLM learns on text alone: documents state a few facts (bare label words) then ask one task
+   question, or ask for the caption (every fact in a fixed order); the loss is on the answer. The
+   audio tokens later take the place of the facts. `--llm_checkpoint=PATH` (our llm.pt, or a
+   Hugging Face directory with tokenizer.json and an "audio_token_id" in its config.json) skips it.
+3. Each adapter (`moe`, `moe-random`, `dense-flops`, `dense-params`, see moe_adapter.build_adapter)
+   is trained as the paper's family trains (stage_adapter): 3a alignment, the adapter alone on the
+   caption of every clip; 3b instruction tuning, the adapter and the LLM on every (clip, task)
+   question, next-token loss on the answer plus the MoE losses over the global batch (Eq. 4).
 
 The frozen encoder's outputs are computed once and cached (`cache_features`), so an adapter step
 costs only the adapter and the LLM. With --cache_features=false nothing is cached (the paper
 config's 30 s windows would not fit): each batch's clips are read, turned into log-mels and
 encoded again, in every stage and in eval.py. Each adapter run keeps last.pt (resume), best.pt
-(lowest validation loss, a copy), adapter snapshots for eval.py's gradient-conflict analysis,
-and metrics.jsonl; eval.py then scores the test split and prints the comparison.
+(lowest validation loss, a copy) and metrics.jsonl per phase (3a in its align/ folder); eval.py
+then scores the test split and prints the comparison.
 
 Notation in shape comments: B batch, F mel bins, T mel frames, T' encoder frames, N tokens
 (audio tokens after stacking, or text tokens), D LLM width, E experts, V vocabulary, G global batch.
@@ -41,12 +43,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,7 +66,7 @@ from loop import (Ctx, Schedule, barrier, check_same_config, finished_run, fit, 
                   run_script, save_atomic, split_args, write_json)
 from moe_adapter import ADAPTER_KINDS, MoEAdapterConfig, build_adapter, count_params
 
-COMMANDS = ("all", "encoder", "llm", "adapter")
+COMMANDS = ("all", "encoder", "llm", "adapter", "heterogeneity", "capacity")
 IGNORE_INDEX = lm.IGNORE_INDEX
 
 
@@ -124,25 +128,33 @@ class TrainConfig:
     balance_weight: float = 1e-2
     z_weight: float = 0.0
     # 3a. alignment: the adapter alone (encoder and LLM frozen) learns to caption every label of a clip
-    align_steps: int = 200
-    align_lr: float = 2e-3
+    align_steps: int = 1200
+    align_lr: float = 3e-3
     # 3b. instruction tuning: the adapter and the LLM (full | lora | frozen) on the questions
     tune_llm: str = "full"
+    tune_captions: bool = True      # 3b also trains on every clip's caption (Eureka-Audio's SFT keeps dense captions)
     llm_tune_lr: float = 1e-3       # the LLM's own (lower) lr in 3b; the adapter keeps `lr`
     lora_rank: int = 8              # tune_llm=lora: LoRA rank on the LLM's attention projections
     steps: int = 1200
     batch: int = 32
     lr: float = 3e-3
     warmup: int = 20                # warm-up-stable-decay, as the paper trains
-    decay_frac: float = 0.2
+    decay_frac: float = 0.5         # share of each phase's steps in the linear decay
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 250           # validation loss (and best.pt) every this many steps
     valid_items: int = 512          # validation questions used for it
     log_every: int = 50
     cache_features: bool = True     # run the frozen encoder once over every clip (false: on every batch)
+    widths: str = "0.25,4"          # `capacity`: factors on d_expert and d_shared, each a whole comparison
 
     def __post_init__(self):
+        try:
+            ok = all(float(w) > 0 for w in self.widths.split(","))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"widths must be comma-separated factors > 0 (e.g. 0.25,4), got {self.widths!r}")
         if self.domains not in ("all", "speech"):
             raise ValueError(f"domains must be all or speech, got {self.domains!r}")
         if self.tune_llm not in ("full", "lora", "frozen"):
@@ -176,7 +188,8 @@ class TrainConfig:
                              enc_layers=4, enc_heads=4, enc_ff=1024, enc_steps=4000, enc_batch=64,
                              llm_d=384, llm_layers=6, llm_heads=6, llm_kv_heads=2, llm_ff=1024,
                              llm_steps=6000, llm_batch=128, llm_lr=1e-3, d_expert=256, d_shared=1024,
-                             steps=4000, batch=64, lr=1e-3, eval_every=250), **kw})
+                             align_steps=4000, steps=4000, batch=64, lr=1e-3, llm_tune_lr=3e-4,
+                             eval_every=250), **kw})
 
     @classmethod
     def paper(cls, **kw) -> "TrainConfig":
@@ -199,7 +212,7 @@ class TrainConfig:
 PRESETS = ("tiny", "small", "paper")
 # Fields that say what to run and where, not what a run learns: a finished run is reused whatever they are.
 # cache_features only says where the same encoder features come from (up to the cache's fp16 log-mels).
-RUN_CONTROL = ("out_dir", "adapters", "seeds", "evaluate", "workers", "device", "compile", "cache_features")
+RUN_CONTROL = ("out_dir", "adapters", "seeds", "evaluate", "workers", "device", "compile", "cache_features", "widths")
 
 
 def parse_args(argv: Sequence[str]):
@@ -757,9 +770,11 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
     3a. alignment: the adapter alone (encoder and LLM frozen) learns to make the LLM caption every
         label of a clip (a dense target: all of a clip's facts in one answer);
     3b. instruction tuning: the adapter and the LLM (its own copy: full fine-tuning at llm_tune_lr,
-        or LoRA, or frozen) on every (clip, task) question, next-token loss + the MoE losses.
+        or LoRA, or frozen) on every (clip, task) question, and with tune_captions on every clip's
+        caption too (Eureka-Audio's SFT mix keeps dense captions); next-token loss + the MoE losses.
     Deviation: the paper's family unfreezes everything in stage 2 and does not publish what the
-    MoE-Adapter paper freezes; the encoder stays frozen here (its features are cached)."""
+    MoE-Adapter paper freezes; the encoder stays frozen here (its features are cached). Steps,
+    lrs and the caption mix are our choices, made on validation loss (README)."""
     run_dir = os.path.join(cfg.out_dir, run_name(kind, seed))
     done_path = os.path.join(run_dir, "summary.json")
     want = asdict(cfg) | dict(adapter=kind, seed=seed)
@@ -857,7 +872,8 @@ def stage_adapter(cfg: TrainConfig, kind: str, seed: int, parts: dict, ctx: Ctx,
         groups.append(dict(params=[p for p in llm_model.parameters() if p.requires_grad],
                            lr_scale=cfg.llm_tune_lr / cfg.lr))
     s = Schedule(cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.decay_frac, cfg.weight_decay, cfg.grad_clip)
-    summary.update(fit(f"{kind} s{seed}", step_model, step_loss_on(train), s, run_dir=run_dir, n_items=len(train),
+    tune = parts["tune_train"] if cfg.tune_captions else train
+    summary.update(fit(f"{kind} s{seed}", step_model, step_loss_on(tune), s, run_dir=run_dir, n_items=len(tune),
                        validate=validate_on(parts["valid"]), settings=settings, param_groups=groups, **common))
     seconds = summary["seconds"] + summary.get("align", {}).get("seconds", 0.0)
     summary.update(kind=kind, seed=seed, params=n_params, adapter_config=asdict(acfg),
@@ -905,12 +921,59 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
             parts[split] = AdapterData(items[split], f, parts["tok"], cfg.prompt, parts["domains"][split])
             parts[f"align_{split}"] = AdapterData(caption_items(items[split]), f, parts["tok"], cfg.prompt,
                                                   parts["domains"][split])
+        parts["tune_train"] = AdapterData(items["train"] + caption_items(items["train"]), features["train"],
+                                          parts["tok"], cfg.prompt, parts["domains"]["train"])
     parts["prepare_seconds"] = time.perf_counter() - t0
     return parts
 
 
 # ----------------------------------------------------------------------------------------------
 # The command line
+
+
+def train_all(cfg: TrainConfig, ctx: Ctx, resume: bool) -> None:
+    """`all`: the pre-training stages once, every adapter kind x seed, then eval.py's comparison."""
+    parts = prepare(cfg, ctx, resume)
+    runs = [(k, s) for k in cfg.adapters.split(",") for s in range(cfg.seeds)]
+    for kind, seed in runs:
+        stage_adapter(cfg, kind, seed, parts, ctx, resume)
+    if ctx.main and cfg.evaluate:                          # eval.py on these runs, and their comparison
+        run_script("eval.py", cfg.out_dir, "--force", "--runs=" + ",".join(run_name(k, s) for k, s in runs))
+
+
+def control_settings(command: str, cfg: TrainConfig) -> List[Tuple[str, TrainConfig]]:
+    """The controls: the main comparison (cfg.out_dir) beside the same comparison
+    heterogeneity: on speech clips alone (its own corpus, encoder and LLM, in OUT/speech);
+    capacity: with every expert `widths` times as wide (the main run's encoder and LLM, in OUT/width-xW)."""
+    settings = [("main run", cfg)]
+    if command == "heterogeneity":
+        return settings + [("speech only", dataclasses.replace(cfg, domains="speech",
+                                                              out_dir=os.path.join(cfg.out_dir, "speech")))]
+    ckpt = dict(encoder_checkpoint=cfg.encoder_checkpoint or os.path.join(cfg.out_dir, "encoder", "encoder.pt"),
+                llm_checkpoint=cfg.llm_checkpoint or os.path.join(cfg.out_dir, "llm", "llm.pt"))
+    for w in (float(x) for x in cfg.widths.split(",")):
+        settings.append((f"experts x{w:g}", dataclasses.replace(
+            cfg, d_expert=max(1, round(cfg.d_expert * w)), d_shared=max(1, round(cfg.d_shared * w)),
+            out_dir=os.path.join(cfg.out_dir, f"width-x{w:g}"), **ckpt)))
+    return settings
+
+
+def control_table(settings: List[Tuple[str, TrainConfig]]) -> str:
+    """One row per setting and kind: accuracy (mean ± std over its seeds) and the MoE's margin over
+    it, paired by seed (seeds won), from each setting's comparison.json."""
+    lines = ["| setting | adapter | seeds | semantic | paralinguistic | MoE − it, semantic | MoE − it, paralinguistic |",
+             "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+    for label, c in settings:
+        with open(os.path.join(c.out_dir, "comparison.json")) as f:
+            table = json.load(f)
+        for kind, row in table["kinds"].items():
+            pr = table["paired"].get(f"moe - {kind}")
+            margin = [f"{pr[g]['mean']:+.3f} ± {pr[g]['std']:.3f} ({pr[g]['wins']}/{pr[g]['n']})" if pr else "–"
+                      for g in ("semantic", "paralinguistic")]
+            lines.append(f"| {label} (d_expert {c.d_expert}) | {kind} | {len(row['seeds'])} | {fmt(row['semantic_closed'])} "
+                         f"| {fmt(row['paralinguistic_closed'])} | {margin[0]} | {margin[1]} |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -920,16 +983,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if ctx.main:
         print(f"train.py {command}: device {ctx.device}, {ctx.world} process(es), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, out_dir {cfg.out_dir}")
-    stages = {"encoder": ("encoder",), "llm": ("llm",)}.get(command, ("encoder", "llm", "features"))
-    parts = prepare(cfg, ctx, resume, stages)
-    if command == "adapter":
-        stage_adapter(cfg, cfg.adapter, cfg.seed, parts, ctx, resume)
-    elif command == "all":
-        runs = [(k, s) for k in cfg.adapters.split(",") for s in range(cfg.seeds)]
-        for kind, seed in runs:
-            stage_adapter(cfg, kind, seed, parts, ctx, resume)
-        if ctx.main and cfg.evaluate:                      # eval.py on these runs, and their comparison
-            run_script("eval.py", cfg.out_dir, "--force", "--runs=" + ",".join(run_name(k, s) for k, s in runs))
+    if command == "all":
+        train_all(cfg, ctx, resume)
+    elif command in ("heterogeneity", "capacity"):
+        settings = control_settings(command, cfg)
+        if not os.path.exists(os.path.join(cfg.out_dir, "comparison.json")):     # the main run, as it is
+            train_all(dataclasses.replace(cfg, evaluate=True), ctx, resume)
+        for _, c in settings[1:]:
+            if c.encoder_checkpoint and ctx.main:       # same clips and encoder: the main run's caches
+                os.makedirs(c.out_dir, exist_ok=True)
+                for f in ("mel.pt", "features.pt"):
+                    src, dst = os.path.join(cfg.out_dir, f), os.path.join(c.out_dir, f)
+                    if os.path.exists(src) and not os.path.exists(dst):
+                        os.link(src, dst)
+            train_all(dataclasses.replace(c, evaluate=True), ctx, resume)
+        if ctx.main:
+            text = control_table(settings)
+            print(f"\n{command}: test accuracy, mean ± std over seeds; MoE margins paired by seed (seeds won)"
+                  f"\n\n{text}\n")
+            with open(os.path.join(cfg.out_dir, f"{command}.md"), "w") as f:
+                f.write(text + "\n")
+    else:
+        stages = {"encoder": ("encoder",), "llm": ("llm",)}.get(command, ("encoder", "llm", "features"))
+        parts = prepare(cfg, ctx, resume, stages)
+        if command == "adapter":
+            stage_adapter(cfg, cfg.adapter, cfg.seed, parts, ctx, resume)
     if ctx.main:
         print(f"train.py {command}: {time.perf_counter() - t0:.0f} s wall")
     if ctx.world > 1:

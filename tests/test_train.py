@@ -132,6 +132,27 @@ def test_each_run_of_all_starts_from_the_pretrained_llm_as_when_run_alone(tmp_pa
             torch.testing.assert_close(a[p][k], b[p][k], rtol=0, atol=1e-6, msg=f"{p} {k}")
 
 
+def test_controls_run_each_setting_and_tabulate_the_paired_margins(tmp_path, capfd):
+    """heterogeneity: speech alone vs the main run; capacity: other expert widths on the main run's
+    encoder, LLM and caches. Each setting is a whole `all` with its own comparison."""
+    out = str(tmp_path / "run")
+    flags = [f"--out_dir={out}", "--seeds=2", "--adapters=moe,dense-flops", *MICRO]
+    train.main(["capacity", "--widths=0.5", *flags])
+    text = capfd.readouterr().out
+    sub = os.path.join(out, "width-x0.5")
+    assert json.load(open(os.path.join(sub, "config.json")))["d_expert"] == 4             # 8 x 0.5
+    assert os.path.samefile(os.path.join(out, "mel.pt"), os.path.join(sub, "mel.pt"))   # shared, not recomputed
+    assert not os.path.exists(os.path.join(sub, "encoder"))                            # the main run's encoder
+    assert "| main run (d_expert 8) | dense-flops | 2 |" in text and "| experts x0.5 (d_expert 4) | moe | 2 |" in text
+    main = json.load(open(os.path.join(out, "comparison.json")))["paired"]["moe - dense-flops"]["semantic"]
+    assert f"{main['mean']:+.3f} ± {main['std']:.3f} ({main['wins']}/2)" in text
+    train.main(["heterogeneity", *flags])
+    text = capfd.readouterr().out
+    speech = json.load(open(os.path.join(out, "speech", "floors.json")))
+    assert set(speech["chance"]["tasks"]) <= {"word", "pitch_group", "tract_group", "emotion", "rate"}
+    assert "| speech only (d_expert 8) | moe | 2 |" in text and os.path.exists(os.path.join(out, "heterogeneity.md"))
+
+
 def test_lr_schedule_warmup_stable_decay_by_hand():
     s = loop.Schedule(steps=100, batch=1, lr=1.0, warmup=10, decay_frac=0.2)
     assert loop.lr_at(0, s) == pytest.approx(0.1)            # (0 + 1) / 10
@@ -220,6 +241,9 @@ def test_folder_per_class_data_is_split_by_file_name(tmp_path):
     (["--config=huge"], "unknown config 'huge'"),
     (["--adapters=moe,sparse"], "unknown adapter 'sparse'"),
     (["--prompt=long"], "prompt must be"),
+    (["--tune_llm=half"], "tune_llm must be full, lora or frozen"),
+    (["capacity", "--widths=2,x"], "widths must be comma-separated factors"),
+    (["--domains=music"], "domains must be all or speech"),
 ])
 def test_cli_rejects_bad_options_by_name(argv, message):
     with pytest.raises(SystemExit, match=message):
