@@ -41,7 +41,7 @@ import data
 import llm as lm
 import loop
 import train
-from moe_adapter import build_adapter
+from moe_adapter import ADAPTER_KINDS, build_adapter
 
 GROUPS = ("semantic", "paralinguistic")
 
@@ -445,7 +445,7 @@ def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None, floor: Optio
         with open(os.path.join(out_dir, "floors.json")) as f:
             floor = json.load(f)
     floor = floor or {}
-    kinds = list(dict.fromkeys(r["kind"] for r in results))
+    kinds = sorted({r["kind"] for r in results}, key=ADAPTER_KINDS.index)       # moe, moe-random, dense-*
     by_kind = {k: [r for r in results if r["kind"] == k] for k in kinds}
     lines = ["| model | seeds | params (total / active) | MFLOPs/token | semantic | paralinguistic | all "
              "| exact match | domain-grad cosine | task-grad cosine | ms/step |",
@@ -468,18 +468,18 @@ def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None, floor: Optio
                      f"| {mean_std(row['domain_cos'], '{:+.3f}')} | {mean_std(row['task_cos'], '{:+.3f}')} "
                      f"| {mean_std(row['ms_per_step'], '{:.1f}')} |")
     moes = [k for k in kinds if k.startswith("moe")]
-    denses = [k for k in kinds if not k.startswith("moe")]
-    if moes and denses:
+    # Each MoE kind against every kind after it: moe - moe-random, moe - dense-*, moe-random - dense-*.
+    pairs = [(m, d) for m in moes for d in kinds if d != m and not (d in moes and moes.index(d) < moes.index(m))]
+    if pairs:
         lines += ["", "| paired by seed | semantic | paralinguistic | all | seeds won (sem / para) |", "|---|---|---|---|---|"]
-        for m in moes:
-            for d in denses:
-                pr = {g: paired(by_kind[m], by_kind[d], f"{g}_closed") for g in GROUPS + ("all",)}
-                if pr["all"] is None:
-                    continue
-                table["paired"][f"{m} - {d}"] = pr
-                cell = lambda x: f"{x['mean']:+.3f} ± {x['std']:.3f}" if x["n"] > 1 else f"{x['mean']:+.3f}"
-                lines.append(f"| {m} − {d} | {cell(pr['semantic'])} | {cell(pr['paralinguistic'])} | {cell(pr['all'])} "
-                             f"| {pr['semantic']['wins']}/{pr['semantic']['n']} / {pr['paralinguistic']['wins']}/{pr['paralinguistic']['n']} |")
+        for m, d in pairs:
+            pr = {g: paired(by_kind[m], by_kind[d], f"{g}_closed") for g in GROUPS + ("all",)}
+            if pr["all"] is None:
+                continue
+            table["paired"][f"{m} - {d}"] = pr
+            cell = lambda x: f"{x['mean']:+.3f} ± {x['std']:.3f}" if x["n"] > 1 else f"{x['mean']:+.3f}"
+            lines.append(f"| {m} − {d} | {cell(pr['semantic'])} | {cell(pr['paralinguistic'])} | {cell(pr['all'])} "
+                         f"| {pr['semantic']['wins']}/{pr['semantic']['n']} / {pr['paralinguistic']['wins']}/{pr['paralinguistic']['n']} |")
     lines += ["", "| domain pair (gradient cosine) | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for pair in DOMAIN_PAIRS:
         cells = [mean_std([r["gradient_conflict"]["domain"]["pairs"][pair] for r in by_kind[k]

@@ -403,8 +403,9 @@ def _check_attention_mask(mask, B: int, T: int, device) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-            attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Eq. 5: mean next-token cross-entropy (in float32 at least) over the labelled positions.
+            attention_mask: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 5: mean next-token cross-entropy (in float32 at least) over the labelled positions;
+    reduction="sum" gives their sum (a global-batch mean is a sum over processes / a count).
 
     logits (B, T, V); labels (B, T) aligned with the input, as in Hugging Face: labels[b, t] is
     the token at t, predicted from position t - 1; IGNORE_INDEX (-100) marks prompt, audio and
@@ -426,7 +427,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
                          f"the loss is undefined")
     work = torch.promote_types(logits.dtype, torch.float32)             # float32 at least
     return F.cross_entropy(logits[:, :-1].to(work).reshape(-1, V), target.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

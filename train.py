@@ -691,12 +691,9 @@ def stage_llm(cfg: TrainConfig, choices: Dict[str, List[str]], ctx: Ctx, resume:
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor):
-    """Sum of next-token cross-entropies (float32) over the labelled positions, and their count:
-    the loss of a global batch is sum / global count, whatever the split over processes."""
-    target = labels[:, 1:]                                                         # (B, N-1)
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="sum")
-    return ce, (target != IGNORE_INDEX).sum().float()
+    """Sum of next-token cross-entropies (llm.lm_loss, Eq. 5) over the labelled positions, and
+    their count: the loss of a global batch is sum / global count, whatever the split over processes."""
+    return lm.lm_loss(logits, labels, reduction="sum"), (labels[:, 1:] != IGNORE_INDEX).sum().float()
 
 
 # ----------------------------------------------------------------------------------------------
