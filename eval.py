@@ -14,12 +14,14 @@ Per run (eval.json in the run folder), on the model with the lowest validation l
   the model finds most likely. Grouped into semantic and paralinguistic (macro average of tasks).
 - Expert specialisation (the paper's Fig. 3): share of each domain's and each task's audio
   token-slots routed to each expert, on the test clips; a heatmap PNG when matplotlib is installed.
-- Gradient conflict (the paper's Figs. 4-5): for each task (and each audio domain), the gradient of
-  the answer loss on a fixed batch of training questions with respect to the adapter's parameters;
-  the pairwise cosine similarities, their mean, and the share of pairs that conflict (cosine < 0),
-  at each saved snapshot of the run.
-The comparison (comparison.md / .json in the output folder) is mean +/- std over seeds per adapter;
-training curves are plotted when matplotlib is installed.
+- Gradient conflict (the paper's Figs. 4-5): for each task (and each of the domains speech, music,
+  environment), the gradient of the answer loss on a fixed batch of training questions with
+  respect to the adapter's parameters; the pairwise cosine similarities, their mean, and the share
+  of pairs that conflict (cosine < 0), on the trained model.
+Per folder (floors.json): chance, a linear probe per task on the frozen encoder's mean-pooled
+features and on the mean log-mel, and the text ceiling (the LLM reading the true label words).
+The comparison (comparison.md / .json) puts them above mean +/- std over seeds per adapter kind,
+then each MoE kind minus every other kind paired by seed; training curves when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def load_parts(out_dir: str, ctx: Optional[loop.Ctx] = None) -> dict:
 
 def load_model(run_dir: str, parts: dict, which: str = "best.pt") -> train.AudioLLM:
     """The run's adapter and its LLM (fine-tuned weights or LoRA, if the run tuned the LLM) from
-    `which` (best.pt, last.pt or snapshots/stepN.pt). parts["llm"] is left as it is."""
+    `which` (best.pt or last.pt). parts["llm"] is left as it is."""
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     from moe_adapter import MoEAdapterConfig
@@ -353,7 +355,7 @@ def cosine_table(grads: Dict[str, torch.Tensor]) -> dict:
 
 def fixed_groups(d: train.AdapterData, key: str, n: int, seed: int = 0) -> Dict[str, List[int]]:
     """The first n questions of each task (key="task") or clip domain (key="domain") in a fixed
-    shuffled order of the split: the same batches for every run and snapshot."""
+    shuffled order of the split: the same batches for every run."""
     order = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed)).tolist()
     out: Dict[str, List[int]] = {}
     for i in order:
