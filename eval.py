@@ -433,7 +433,7 @@ DOMAIN_PAIRS = ("music|speech", "environment|music", "environment|speech")   # t
 
 def compare(out_dir: str, run_dirs: Optional[Sequence[str]] = None, floor: Optional[dict] = None) -> str:
     """The comparison (comparison.md / .json): floors and ceilings, then per adapter kind mean ± std
-    over seeds; MoE minus each dense baseline paired by seed; the domain-gradient cosines; per task."""
+    over seeds; each MoE kind minus every other kind, paired by seed; the domain-gradient cosines; per task."""
     if run_dirs is None:
         run_dirs = sorted(os.path.join(out_dir, r) for r in os.listdir(out_dir)
                           if os.path.exists(os.path.join(out_dir, r, "eval.json")))
