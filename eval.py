@@ -177,9 +177,7 @@ class TextOnly(nn.Module):
 
 def with_facts(items: List[dict]) -> List[dict]:
     """The same questions, each after the true label words of its clip (the LLM's text format)."""
-    facts: Dict[int, Dict[str, str]] = {}
-    for it in items:
-        facts.setdefault(it["index"], {})[it["task"]] = it["answer"]
+    facts = train.clip_labels(items)
     return [dict(it, question=f"{train.caption(facts[it['index']])}. {it['question']}",
                  prompt=f"{train.caption(facts[it['index']])}. {it['prompt']}") for it in items]
 

@@ -585,13 +585,18 @@ def text_document(rng: np.random.Generator, choices: Dict[str, List[str]], style
     return context + prompt_text(item, style), values[asked]
 
 
-def caption_items(items: List[dict]) -> List[dict]:
-    """One alignment item per clip: the caption prompt, answered by every label the clip carries."""
+def clip_labels(items: List[dict]) -> Dict[int, Dict[str, str]]:
+    """{clip index: {task: answer}}: every label each clip of a split's questions carries."""
     by_clip: Dict[int, Dict[str, str]] = {}
     for it in items:
         by_clip.setdefault(it["index"], {})[it["task"]] = it["answer"]
+    return by_clip
+
+
+def caption_items(items: List[dict]) -> List[dict]:
+    """One alignment item per clip: the caption prompt, answered by every label the clip carries."""
     return [dict(index=j, task="caption", group="caption", question=CAPTION, prompt=CAPTION,
-                 answer=caption(v), choices=[]) for j, v in by_clip.items()]
+                 answer=caption(v), choices=[]) for j, v in clip_labels(items).items()]
 
 
 def build_tokenizer(choices: Dict[str, List[str]]) -> lm.WordTokenizer:
@@ -916,10 +921,11 @@ def prepare(cfg: TrainConfig, ctx: Ctx, resume: bool, stages=("encoder", "llm", 
             features = {s: LiveFeatures(parts["encoder"], m, ctx) for s, m in mels.items()}
         for split, f in features.items():
             parts[split] = AdapterData(items[split], f, parts["tok"], cfg.prompt, parts["domains"][split])
-            parts[f"align_{split}"] = AdapterData(caption_items(items[split]), f, parts["tok"], cfg.prompt,
-                                                  parts["domains"][split])
-        parts["tune_train"] = AdapterData(items["train"] + caption_items(items["train"]), features["train"],
-                                          parts["tok"], cfg.prompt, parts["domains"]["train"])
+        captions = {s: caption_items(items[s]) for s in ("train", "valid")}
+        for split, its in (("align_train", captions["train"]), ("align_valid", captions["valid"]),
+                           ("tune_train", items["train"] + captions["train"])):
+            split_of = split.rsplit("_", 1)[1]
+            parts[split] = AdapterData(its, features[split_of], parts["tok"], cfg.prompt, parts["domains"][split_of])
     parts["prepare_seconds"] = time.perf_counter() - t0
     return parts
 
