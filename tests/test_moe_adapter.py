@@ -1,5 +1,20 @@
-"""moe_adapter.py against independent references: a per-token loop, hand-computed losses and
-parameter counts, gradcheck, and a toy task where routing matters."""
+"""moe_adapter.py against independent references.
+
+- The sorted dispatch equals a per-token Python loop written from the equations (float64, 1e-10):
+  masks, stacking, top-1, no shared expert, position routing.
+- Balance loss: a hand-computed 2-expert case (1.15), 1.0 at balance and E on one expert, rising in
+  between; padding changes neither loss nor load; the gradient reaches the router, not the experts.
+  aux["loss"] equals the losses recomputed by hand from the router weights; the z-loss by hand.
+- Reductions: top_k = E is a softmax-weighted dense mixture, shared experts alone an nn.Sequential
+  MLP, the dense adapter LN-MLP-LN written with F.layer_norm.
+- Sizes: the paper preset's counts and matched dense widths by hand arithmetic (94,440,448 /
+  70,834,176; 20488, 15364); per-token FLOPs against torch's FlopCounterMode on a real forward.
+- gradcheck through gates, experts, shared expert, norm and aux loss; fp32 router under bf16
+  autocast; CUDA equals CPU (when present).
+- A toy task (8 clusters, 8 top-1 experts): the balance loss keeps every expert busy, without it
+  the routing collapses. Bad configs and inputs raise errors naming the field; the file copied alone
+  imports and runs.
+"""
 import math
 import os
 import shutil
@@ -29,7 +44,7 @@ def lengths_mask(lengths, T):
 
 
 # ----------------------------------------------------------------------------------------------
-# The reference: one token at a time, python lists for top-k and capacity.
+# The reference: one token at a time, python lists for top-k.
 
 
 def naive_forward(adapter: MoEAdapter, x, mask=None):
@@ -56,25 +71,12 @@ def naive_forward(adapter: MoEAdapter, x, mask=None):
             routes.append([((t + r) % E, 1.0 / k) for r in range(k)])
             continue
         logits = [float(v) for v in adapter.router.weight @ h]
-        if cfg.router == "softmax":
-            m = max(logits)
-            ex = [math.exp(v - m) for v in logits]
-            scores = [v / sum(ex) for v in ex]
-        else:
-            scores = [1.0 / (1.0 + math.exp(-v)) for v in logits]
+        m = max(logits)
+        ex = [math.exp(v - m) for v in logits]
+        scores = [v / sum(ex) for v in ex]
         chosen = sorted(range(E), key=lambda e: -scores[e])[:k]
         total = sum(scores[e] for e in chosen)
         routes.append([(e, scores[e] / total) for e in chosen])
-    # Capacity: first choices of all tokens in order, then second choices, ...
-    keep = [[True] * k for _ in routes]
-    if cfg.capacity_factor is not None:
-        cap = math.ceil(cfg.capacity_factor * len(routes) * k / E)
-        used = [0] * E
-        for r in range(k):
-            for n, route in enumerate(routes):
-                e = route[r][0]
-                keep[n][r] = used[e] < cap
-                used[e] += keep[n][r]
     y = x.new_zeros(B, T_tok, cfg.d_out)
     index = torch.full((B, T_tok, k), -1, dtype=torch.long)
     weight = x.new_zeros(B, T_tok, k)
@@ -82,9 +84,8 @@ def naive_forward(adapter: MoEAdapter, x, mask=None):
         out = adapter.shared(h[None])[0] if adapter.shared is not None else 0.0
         for r, (e, g) in enumerate(routes[n]):
             index[b, t, r] = e
-            if keep[n][r]:
-                out = out + g * adapter.experts[e](h[None])[0]
-                weight[b, t, r] = g
+            out = out + g * adapter.experts[e](h[None])[0]
+            weight[b, t, r] = g
         y[b, t] = adapter.norm_out(out)
     return y, index, weight
 
@@ -93,11 +94,9 @@ CASES = {
     "plain": (dict(), None),
     "masked": (dict(), [10, 4, 7]),
     "no_stack": (dict(stack=1), [10, 1, 6]),
-    "sigmoid": (dict(router="sigmoid"), [10, 8, 2]),
     "top1": (dict(top_k=1), [9, 10, 5]),
     "no_shared": (dict(n_shared=0), [10, 3, 10]),
-    "capacity": (dict(capacity_factor=0.75), [10, 6, 9]),
-    "capacity_sigmoid": (dict(capacity_factor=0.5, router="sigmoid", top_k=3), None),
+    "top3": (dict(top_k=3), None),
     "position": (dict(router="position", top_k=3), [10, 4, 7]),
 }
 
@@ -113,34 +112,9 @@ def test_fast_dispatch_equals_per_token_loop(case):
         y_ref, index_ref, weight_ref = naive_forward(adapter, x, mask)
     assert y.shape == (3, math.ceil(10 / adapter.cfg.stack), 7)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
-    # Same experts in the same order, same applied gates (0 exactly where the loop dropped).
+    # Same experts in the same order, same applied gates (0 at padding).
     assert torch.equal(aux["expert_index"], index_ref)
     torch.testing.assert_close(aux["expert_weight"], weight_ref, rtol=0, atol=1e-12)
-    if overrides.get("capacity_factor"):
-        n_slots = int((index_ref >= 0).sum())
-        n_dropped = int(((index_ref >= 0) & (weight_ref == 0)).sum())
-        assert n_dropped > 0, "the case must exercise the capacity limit"
-        assert aux["dropped"].item() == pytest.approx(n_dropped / n_slots)
-
-
-def test_capacity_drop_order_by_hand():
-    """4 tokens all preferring expert 0 then 1, capacity 1 slot per expert (cf=0.5, E=2, k=1):
-    only token 0 keeps expert 0; the rest are dropped and output only the shared expert."""
-    cfg = MoEAdapterConfig(d_in=2, d_out=3, stack=1, n_experts=2, top_k=1, d_expert=4, n_shared=1,
-                           d_shared=4, capacity_factor=0.5, norm_in=False, norm_out=False)
-    adapter = MoEAdapter(cfg).double()
-    with torch.no_grad():
-        adapter.router.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
-    x = torch.tensor([[[1.0, 0.1], [2.0, 0.2], [3.0, 0.3], [4.0, 0.4]]], dtype=torch.float64)
-    with torch.no_grad():
-        y, aux = adapter(x)
-        shared = adapter.shared(x[0])
-        expert0 = adapter.experts[0](x[0, :1])
-    assert aux["expert_index"][0, :, 0].tolist() == [0, 0, 0, 0]
-    assert aux["expert_weight"][0, :, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
-    torch.testing.assert_close(y[0, 0], shared[0] + expert0[0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(y[0, 1:], shared[1:], rtol=0, atol=1e-12)
-    assert aux["dropped"].item() == pytest.approx(0.75)
 
 
 def test_padding_garbage_does_not_leak_and_batch_equals_items_alone():
@@ -216,7 +190,6 @@ def test_expert_load_is_share_of_token_slots():
     idx = aux["expert_index"][aux["mask"]]                          # (N, k)
     ref = torch.stack([(idx == e).float().sum() for e in range(4)]) / idx.numel()
     torch.testing.assert_close(aux["expert_load"], ref)
-    assert aux["expert_load"].sum().item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -229,12 +202,20 @@ def test_balance_loss_gradient_reaches_router(top_k):
     assert all(p.grad is None for p in adapter.experts.parameters())   # f is a hard count
 
 
-def test_aux_loss_is_weighted_sum_and_on_whenever_weight_nonzero():
-    adapter = MoEAdapter(small_cfg(balance_weight=0.3, z_weight=0.02))
-    _, aux = adapter(torch.randn(2, 12, 5))
-    expected = 0.3 * aux["balance_loss"] + 0.02 * aux["z_loss"]
-    torch.testing.assert_close(aux["loss"], expected)
-    aux["loss"].backward()                                          # in train AND eval mode
+@pytest.mark.parametrize("train", [True, False])
+def test_aux_loss_recomputed_by_hand_in_train_and_eval_mode(train):
+    """Eq. 4 and 5 from the router weights with loops over experts, weighted 0.3 and 0.02."""
+    adapter = MoEAdapter(small_cfg(balance_weight=0.3, z_weight=0.02, stack=1)).double().train(train)
+    x = torch.randn(2, 6, 5, dtype=torch.float64)
+    _, aux = adapter(x)
+    h = adapter.norm_in(x.reshape(12, 5))
+    logits = h @ adapter.router.weight.T                             # (12, 4)
+    probs = logits.softmax(-1)
+    chosen = probs.topk(2, -1).indices                               # (12, 2)
+    balance = 4 * sum(int((chosen == e).sum()) / chosen.numel() * probs[:, e].mean() for e in range(4))
+    z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 12
+    torch.testing.assert_close(aux["loss"], 0.3 * balance + 0.02 * z, rtol=0, atol=1e-12)
+    aux["loss"].backward()                                          # on whenever its weight is non-zero
     assert adapter.router.weight.grad.abs().sum() > 0
 
 
@@ -334,12 +315,26 @@ def test_dense_widths_matched_by_hand():
     with torch.device("meta"):
         dense = M.count_params(DenseAdapter(2560, 20480, 2048))
     assert round(dense["total"] / 1e6, 1) == 94.4                  # the paper's hidden 20480
-    tiny = MoEAdapterConfig.tiny()                                  # D=256, O=128, E=8, k=2, 64, 256
-    assert M.dense_hidden_for(tiny, "flops") == round((256 * 8 + (2 * 64 + 256) * 384) / 384)
-    built = M.build_adapter("dense-params", tiny)
+    tiny = MoEAdapterConfig.tiny()                                  # D=256, O=128: one hidden unit = 385 params
     with torch.device("meta"):
-        moe_total = M.count_params(MoEAdapter(tiny))["total"]
-    assert abs(M.count_params(built)["total"] - moe_total) <= 256 + 128 + 1
+        moe = M.count_params(MoEAdapter(tiny))
+        dense = {m: M.count_params(M.build_adapter("dense-" + m, tiny)) for m in ("params", "flops")}
+    assert abs(dense["params"]["total"] - moe["total"]) <= (256 + 128 + 1) / 2
+    assert abs(dense["flops"]["flops_per_token"] - moe["flops_per_token"]) <= 256 + 128
+
+
+@pytest.mark.parametrize("kind", M.ADAPTER_KINDS)
+def test_flops_per_token_match_torch_flop_counter(kind):
+    """FlopCounterMode counts every matmul of a real forward: the counted weight matrices per token,
+    plus the MoE's (1, k) @ (k, O) gate products, which count_params leaves out."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = MoEAdapterConfig.tiny(n_shared=2)
+    adapter = M.build_adapter(kind, cfg)
+    x = torch.randn(3, 20, 64)                                      # N = 3 * 5 tokens
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        adapter(x)
+    gates = 2 * cfg.top_k * cfg.d_out if kind.startswith("moe") else 0
+    assert counter.get_total_flops() == 15 * (M.count_params(adapter)["flops_per_token"] + gates)
 
 
 def test_build_adapter_kinds_share_the_call_signature():
@@ -401,19 +396,9 @@ def test_router_runs_in_float32_under_bf16_autocast():
     torch.testing.assert_close(aux["expert_weight"].sum(-1), torch.ones(2, 4), rtol=0, atol=1e-6)
 
 
-def test_jitter_only_in_training():
-    adapter = MoEAdapter(small_cfg(jitter=0.5))
-    x = torch.randn(2, 30, 5)
-    adapter.eval()
-    assert torch.equal(adapter(x)[1]["expert_index"], adapter(x)[1]["expert_index"])
-    adapter.train()
-    draws = [adapter(x)[1]["expert_index"] for _ in range(4)]
-    assert any(not torch.equal(draws[0], d) for d in draws[1:])
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_and_runs_under_bf16():
-    adapter = MoEAdapter(small_cfg(capacity_factor=1.0)).double()
+    adapter = MoEAdapter(small_cfg()).double()
     x = torch.randn(3, 10, 5, dtype=torch.float64)
     mask = lengths_mask([10, 4, 7], 10)
     y_cpu, aux_cpu = adapter(x, mask)
@@ -433,14 +418,14 @@ def test_cuda_matches_cpu_and_runs_under_bf16():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(top_k=5), "top_k must be in"),
-    (dict(d_in=0), "d_in must be >= 1"),
+    (dict(d_in=0), "d_in, d_out and stack must be >= 1"),
     (dict(stack=-1), "stack must be >= 1"),
-    (dict(d_expert=0), "d_expert must be >= 1"),
+    (dict(d_expert=0), "d_expert and d_shared must be >= 1"),
+    (dict(n_experts=0, top_k=2), "top_k must be in"),
     (dict(n_experts=-2), "n_experts and n_shared must be >= 0"),
     (dict(n_experts=0, n_shared=0, top_k=0), "at least one expert"),
-    (dict(router="noisy"), "unknown router 'noisy'; allowed: softmax, sigmoid"),
-    (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
-    (dict(jitter=1.5), "jitter must be in"),
+    (dict(router="noisy"), "unknown router 'noisy'; allowed: softmax, position"),
+    (dict(z_weight=-1.0), "z_weight must be >= 0"),
 ])
 def test_bad_config_is_named(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -448,11 +433,11 @@ def test_bad_config_is_named(kw, message):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: (torch.randn(3, 5), None), r"x must be \(B, T, d_in=5\), got shape \(3, 5\)"),
-    (lambda: (torch.randn(2, 3, 6), None), r"x width must be d_in=5"),
-    (lambda: (torch.randn(2, 3, 5), torch.ones(2, 4, dtype=torch.bool)), r"mask must have shape \(B, T\) = \(2, 3\)"),
-    (lambda: (torch.randn(2, 3, 5), torch.ones(2, 3)), "mask must be a bool tensor"),
-    (lambda: (torch.ones(2, 3, 5, dtype=torch.long), None), "floating-point"),
+    (lambda: (torch.randn(3, 5), None), r"x must be .*\(B, T, d_in=5\).*got .*\(3, 5\)"),
+    (lambda: (torch.randn(2, 3, 6), None), r"x must be .*\(B, T, d_in=5\).*got .*\(2, 3, 6\)"),
+    (lambda: (torch.randn(2, 3, 5), torch.ones(2, 4, dtype=torch.bool)), r"mask must be .*\(B, T\) = \(2, 3\).*\(2, 4\)"),
+    (lambda: (torch.randn(2, 3, 5), torch.ones(2, 3)), "mask must be a bool .*float32"),
+    (lambda: (torch.ones(2, 3, 5, dtype=torch.long), None), "floating-point.*int64"),
 ])
 def test_bad_input_is_named(make, message):
     x, mask = make()
@@ -468,6 +453,8 @@ def test_bad_names_list_allowed_values():
         M.dense_hidden_for(small_cfg(), "memory")
     with pytest.raises(TypeError, match="MoEAdapter or DenseAdapter"):
         M.count_params(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="DenseAdapter: sizes must be >= 1.*d_hidden=0"):
+        DenseAdapter(5, 0, 7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,9 +513,9 @@ def _train_toy(balance_weight, seed, steps=400):
 
 
 def test_toy_clusters_balance_loss_keeps_experts_busy_and_collapse_without_it():
-    """8 clusters, 8 experts, top-1. Measured (3 seeds): without the loss the max load is
-    0.37-0.49 and 1-4 experts get < 2% of tokens; with weight 1.0 it is ~0.13 (ideal 1/8) and
-    the fit is better. (The weight is larger than Switch's 1e-2 because the toy runs 400 steps.)"""
+    """8 clusters, 8 experts, top-1, 3 seeds: with the loss every expert keeps about 1/8 of the tokens
+    and the fit is better; without it a few experts take most tokens. (Weight 1.0, not Switch's 1e-2,
+    because the toy trains only 400 steps.)"""
     seeds = (0, 1, 2)
     with_loss = [_train_toy(1.0, s) for s in seeds]
     without = [_train_toy(0.0, s) for s in seeds]
