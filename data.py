@@ -1,7 +1,6 @@
 """Task views over any audio source, WAV I/O, resampling and the real corpora's loaders.
 
-A source (synth.SyntheticCorpus, or AudioFiles: a real corpus read lazily) has len, [j] -> Clip,
-labels(j), split(j) and classes(key). B batch, N longest clip in samples.
+A source (synth.SyntheticCorpus, or AudioFiles read lazily): len, [j] -> Clip, labels(j), split(j), classes(key). B batch.
 """
 import contextlib
 import csv
@@ -59,8 +58,7 @@ TASKS = {
     "pitch_group": Task("paralinguistic", "pitch_group", ("Is the speaker's voice low, mid or high pitched?",)),
     "tract_group": Task("paralinguistic", "tract_group",
                         ("Which speaker group is this, by vocal-tract length (long, medium, short)?",)),
-    "emotion": Task("paralinguistic", "emotion",
-                    ("How does the speaker sound?", "Which emotion does the speaker convey?")),
+    "emotion": Task("paralinguistic", "emotion", ("How does the speaker sound?", "Which emotion does the speaker convey?")),
     "rate": Task("paralinguistic", "rate", ("How fast is the speaker talking?",)),
 }
 
@@ -91,8 +89,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def meta(self, i: int) -> dict:
         j, t, q = self.items[i]
-        choices = self.choices[t]
-        answer = self.source.labels(j)[TASKS[t].label]
+        choices, answer = self.choices[t], self.source.labels(j)[TASKS[t].label]
         return dict(prompt=f"{q} Answer with one of: {', '.join(choices)}.", question=q,
                     choices=list(choices), answer=answer, answer_index=choices.index(answer),
                     task=t, group=TASKS[t].group, index=j)
@@ -277,8 +274,10 @@ def _class_files(root: str, layout: str, hidden: Tuple[str, ...] = (".",)) -> Li
     classes = sorted(d for d in os.listdir(_need(root, layout))
                      if os.path.isdir(os.path.join(root, d)) and not d.startswith(hidden))
     _check(bool(classes), f"{root}: no class folders found; expected the {layout}")
-    return [(c, f) for c in classes for f in sorted(os.listdir(os.path.join(root, c)))
-            if f.lower().endswith((".wav", ".flac", ".ogg")) and not f.startswith(".")]
+    out = [(c, f) for c in classes for f in sorted(os.listdir(os.path.join(root, c)))
+           if f.lower().endswith((".wav", ".flac", ".ogg")) and not f.startswith(".")]
+    _check(not (e := sorted(set(classes) - {c for c, _ in out})), f"{os.path.join(root, *e[:1])}: class folder without audio")
+    return out
 
 
 def load_speech_commands(root: str) -> AudioFiles:
@@ -288,6 +287,8 @@ def load_speech_commands(root: str) -> AudioFiles:
     for split, fname in (("valid", "validation_list.txt"), ("test", "testing_list.txt")):
         with open(_need(os.path.join(_need(root, layout), fname), layout, folder=False)) as f:
             lists.update({line.strip().replace("\\", "/"): split for line in f if line.strip()})
+    missing = [name for name in lists if not os.path.isfile(os.path.join(root, name))]
+    _check(not missing, f"{root}: validation_list.txt / testing_list.txt name {len(missing)} missing file(s): {missing[:3]}")
     records = [_record(os.path.join(root, w, fn), dict(word=w), "speech",   # _background_noise_/: no word
                        fn.split("_nohash_")[0] if "_nohash_" in fn else None, lists.get(f"{w}/{fn}", "train"))
                for w, fn in _class_files(root, layout, (".", "_"))]
@@ -378,8 +379,7 @@ def probe_accuracy(train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.T
 
 
 def parse_overrides(defaults, argv: Sequence[str]) -> dict:
-    """{field: value} of --key=value args for `dataclasses.replace(defaults, ...)`, typed as the defaults (bool:
-    true/false/1/0; tuple: comma-separated floats); an unknown key gets a did-you-mean."""
+    """--key=value args -> {field: value}, typed as defaults' (bool: true/false/1/0; tuple: a,b floats); did-you-mean."""
     names = [f.name for f in fields(defaults)]
     out = {}
     for arg in argv:

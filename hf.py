@@ -21,16 +21,18 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
 
 def read_weight_file(path: str) -> Dict[str, torch.Tensor]:
     """name -> tensor from one .safetensors / .bin / .pt / .pth file (weights_only: never runs code)."""
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"reading {path} needs the optional package safetensors "
-                              f"(pip install safetensors), or a .bin/.pt copy of the weights") from None
-        return load_file(path, device="cpu")
-    if not path.endswith((".bin", ".pt", ".pth")):
+    if not path.endswith((".safetensors", ".bin", ".pt", ".pth")):
         raise ValueError(f"unknown weight file type {path!r}; expected .safetensors, .bin, .pt, .pth or an index .json")
-    return _flat(torch.load(path, map_location="cpu", weights_only=True), path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ImportError(f"reading {path} needs safetensors (pip install safetensors) or a .bin/.pt copy") from None
+    except Exception as e:                      # a truncated or foreign file: one error that names it
+        raise ValueError(f"{path}: unreadable weight file ({type(e).__name__}: {str(e)[:300]})") from None
+    return _flat(sd, path)
 
 
 def _flat(sd, where: str) -> Dict[str, torch.Tensor]:
@@ -42,8 +44,7 @@ def _flat(sd, where: str) -> Dict[str, torch.Tensor]:
 
 
 def read_checkpoint(src) -> Tuple[Dict[str, torch.Tensor], str, Optional[dict]]:
-    """A state dict, a checkpoint folder, a weight file, or a sharded index (its weight_map names the shard of every
-    key) -> (state dict, source description, config.json beside the weights or None)."""
+    """A state dict, folder, weight file or sharded index (weight_map: key -> shard) -> (state dict, source, config)."""
     if isinstance(src, Mapping):
         return _flat(src, "the state dict"), "<state dict>", None
     path = os.fspath(src)
@@ -65,11 +66,13 @@ def read_checkpoint(src) -> Tuple[Dict[str, torch.Tensor], str, Optional[dict]]:
             raise ValueError(f"shards of {path} lack keys its weight_map lists: {missing[:10]}")
     else:
         sd = read_weight_file(path)
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
+    try:                                        # config.json beside the weights, if any
+        with open(os.path.join(folder, "config.json")) as f:
+            return sd, os.fspath(src), json.load(f)
+    except FileNotFoundError:
         return sd, os.fspath(src), None
-    with open(config_path) as f:
-        return sd, os.fspath(src), json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{f.name}: not valid JSON ({e})") from None
 
 
 def _load_checked(model, mapped: Mapping, where: str, origin=None, unexpected=(), fresh=(), assign=False) -> None:
@@ -116,8 +119,7 @@ _WHISPER_SKIP = ("decoder", "proj_out", "projector", "classifier", "layer_weight
 
 
 def _map_names(sd: Mapping[str, torch.Tensor], formats: dict, prefix: str):
-    """Checkpoint names, less `prefix`, in the key format that names most of them -> (format, ours -> tensor,
-    ours -> checkpoint name, unmatched checkpoint names)."""
+    """Names less `prefix` in the key format naming most -> (format, ours -> tensor, ours -> theirs, unmatched)."""
     def rename(name, top, layer_prefix, layer):  # HF -> ours, or None
         stem, _, p = (name := name.removeprefix(prefix)).rpartition(".")
         if name in top or (stem in top and p in ("weight", "bias")):
@@ -131,16 +133,14 @@ def _map_names(sd: Mapping[str, torch.Tensor], formats: dict, prefix: str):
 
 
 class LoadReport(namedtuple("LoadReport", "model source key_format config n_loaded n_params fresh skipped notes")):
-    """What a loader did (`print(report)` summarises): n_loaded checkpoint tensors copied into a model of n_params;
-    fresh: model tensors not from the checkpoint (adapters, a new head); skipped: recognised groups not loaded -> tensor
-    count; notes: where non-inferable settings came from, resizes."""
+    """What a loader did (`print(report)`): n_loaded tensors copied into a model of n_params; fresh: model tensors not
+    from the checkpoint (adapters, a new head); skipped: groups not loaded -> count; notes: non-inferred settings."""
 
     def __str__(self) -> str:
         rows = [("key format", self.key_format), ("config", repr(self.config)),
                 ("tensors", f"{self.n_loaded} loaded, {len(self.fresh)} initialised here (adapters / new head), "
                             f"{self.n_params:,} parameters in the model")]
-        rows += [("skipped", f"{n} tensors of the {g}") for g, n in self.skipped.items()]
-        rows += [("note", note) for note in self.notes]
+        rows += [("skipped", f"{n} tensors of the {g}") for g, n in self.skipped.items()] + [("note", n) for n in self.notes]
         return "\n".join([f"{self.model} loaded from {self.source}"] + [f"  {k:<11}: {v}" for k, v in rows])
 
 

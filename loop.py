@@ -57,8 +57,7 @@ def global_sum(x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
 
 
 def barrier(ctx: Ctx) -> None:
-    if ctx.world > 1:
-        dist.barrier()
+    dist.barrier() if ctx.world > 1 else None
 
 
 def save_atomic(obj, path: str, save: Callable = torch.save) -> None:
@@ -74,12 +73,16 @@ def write_json(obj, path: str) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(Path(path).read_text())
 
 
-def load(path: str):
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load(path: str) -> dict:
+    try:                                        # a truncated or foreign file: one error that names it
+        if isinstance(ck := torch.load(path, map_location="cpu", weights_only=False), dict):
+            return ck
+        raise TypeError(f"holds a {type(ck).__name__}, not a dict")
+    except Exception as e:
+        raise ValueError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def check_same_config(path: str, want: dict, what: str, have: Optional[dict] = None) -> None:
@@ -143,9 +146,7 @@ def lr_at(step: int, s: Schedule) -> float:
     if s.shape == "cosine":
         return s.lr * 0.5 * (1 + math.cos(math.pi * (step - s.warmup) / max(s.steps - s.warmup, 1)))
     decay_start = int(s.steps * (1 - s.decay_frac))
-    if step < decay_start:
-        return s.lr
-    return s.lr * (s.steps - step) / max(s.steps - decay_start, 1)
+    return s.lr if step < decay_start else s.lr * (s.steps - step) / max(s.steps - decay_start, 1)
 
 
 def batch_indices(step: int, n: int, G: int, seed: int, ctx: Ctx) -> torch.Tensor:
@@ -183,10 +184,9 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
         torch.set_rng_state(ck["rng"])
         if ctx.main:
             print(f"{name}: resuming at step {start} from {last}")
-            with open(metrics_path) as f:     # steps logged after that checkpoint are trained again
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+            kept = [line for line in Path(metrics_path).read_text().splitlines(True)   # later steps: trained again
+                    if line.strip() and json.loads(line)["step"] <= start]
+            Path(metrics_path).write_text("".join(kept))
     elif ctx.main:
         os.makedirs(run_dir, exist_ok=True)
         open(metrics_path, "w").close()

@@ -6,7 +6,7 @@ Mixtures, called as `y, info = mixture(x, mask)`: SingleAdapter, DenseMoA (every
 a per-token router), SoftMoA (slots mixed from the tokens, each adapter on its own slots, tokens mixed from
 the slots). `mixture.stats = True` adds the expert statistics of Figs. 2-3 to info (off while training).
 Shapes: b batch, m tokens, d width, n experts, p slots per expert, s = n*p, r bottleneck. mask (b, m) bool,
-True = real token, >= 1 per sequence: padded tokens reach no slot and get zero output rows.
+True = real token: padded tokens reach no slot and get zero output rows (an all-padding row: all zeros).
 """
 from types import MappingProxyType
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -47,7 +47,7 @@ def _softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
     with torch.no_grad():  # which weights to drop is a discrete choice; no gradient flows through it
         drop = torch.softmax(logits, dim) < negligible
     w = torch.softmax(logits.masked_fill(drop, float("-inf")), dim)  # the kept weights only grow
-    return torch.where(w < negligible, 0.0, w)  # rounding at the boundary
+    return torch.where(w >= negligible, w, 0.0)  # rounding at the boundary; 0/0 of an all-padding row -> 0
 
 
 def _stack_experts(experts: nn.ModuleList) -> Tuple[torch.Tensor, ...]:

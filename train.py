@@ -116,8 +116,9 @@ class TrainConfig:
         if bad := [k for k in self.adapters.split(",") + [self.adapter] if k not in ADAPTER_KINDS]:
             raise ValueError(f"unknown adapter {bad[0]!r}; allowed: {', '.join(ADAPTER_KINDS)}")
         if bad := [k for k in ("seeds", "enc_steps", "enc_batch", "llm_steps", "llm_batch", "steps", "batch",
-                               "eval_every", "log_every", "max_facts", "n_clips") if getattr(self, k) < 1]:
-            raise ValueError(f"{bad[0]} must be >= 1, got {getattr(self, bad[0])}")
+                               "eval_every", "log_every", "max_facts", "n_clips", "clip_seconds", "enc_lr", "llm_lr",
+                               "align_lr", "llm_tune_lr", "lr") if not getattr(self, k) > 0]:     # ints: >= 1
+            raise ValueError(f"{bad[0]} must be > 0, got {getattr(self, bad[0])}")
         if not all(w.replace(".", "", 1).isdigit() and float(w) > 0 for w in self.widths.split(",")):
             raise ValueError(f"widths must be comma-separated factors > 0 (e.g. 0.25,4), got {self.widths!r}")
         self.adapter_config(self.enc_d, self.llm_d)          # MoEAdapterConfig checks its own fields
@@ -494,8 +495,7 @@ def controls(command: str, cfg: TrainConfig, ctx: Ctx, resume: bool) -> None:
     with experts `widths` times as wide (capacity: OUT/width-xW, the main run's parts); accuracy, MoE margin."""
     settings = [("main run", cfg)]
     if command == "heterogeneity":
-        settings.append(("speech only", dataclasses.replace(cfg, domains="speech",
-                                                            out_dir=os.path.join(cfg.out_dir, "speech"))))
+        settings.append(("speech only", dataclasses.replace(cfg, domains="speech", out_dir=os.path.join(cfg.out_dir, "speech"))))
     ckpt = dict(encoder_checkpoint=cfg.encoder_checkpoint or os.path.join(cfg.out_dir, "encoder", "encoder.pt"),
                 llm_checkpoint=cfg.llm_checkpoint or os.path.join(cfg.out_dir, "llm", "llm.pt"))
     for w in (float(x) for x in cfg.widths.split(",")) if command == "capacity" else ():

@@ -95,8 +95,9 @@ class MoAConfig:
             if bad := [name for name in names if name not in allowed]:
                 raise ValueError(f"unknown {what} {bad[0]!r}; allowed: {', '.join(allowed)}")
         if small := [k for k in ("seeds", "bench_clips", "pre_clips", "pre_epochs", "pre_batch", "r", "n_experts",
-                                 "slots", "epochs", "batch", "ablate_budget") if getattr(self, k) < 1]:
-            raise ValueError(f"{small[0]} must be >= 1, got {getattr(self, small[0])}")
+                                 "slots", "epochs", "batch", "ablate_budget", "pre_seconds", "pre_lr", "lr", "full_lr")
+                     if not getattr(self, k) > 0]:                                          # ints: >= 1
+            raise ValueError(f"{small[0]} must be > 0, got {getattr(self, small[0])}")
         if bad := [n for n in _ints(self.ablate_experts, "ablate_experts") if self.ablate_budget % n]:
             raise ValueError(f"ablate_experts: {bad[0]} adapters do not divide ablate_budget={self.ablate_budget}")
         _ints(self.ablate_slots, "ablate_slots")
@@ -143,8 +144,7 @@ def fbank_cache(cfg: MoAConfig, ctx: Ctx, name: str) -> dict:
         tags = data.MultiLabelAudio(src, classes) if label == "tags" else None
         xs, ns, ys = [], [], []
         for j in tqdm(range(len(src)), desc=f"fbank {name}", leave=False, disable=not sys.stderr.isatty()):
-            clip = src[j]
-            wave = data._audio_tensor(clip, seconds)
+            wave = data._audio_tensor(clip := src[j], seconds)
             # Shorter than one AST patch (16 frames; a few real UrbanSound8K slices): zero-padded to it, never empty.
             fb, n = enc.kaldi_fbank(F.pad(wave, (0, max(400 + 15 * 160 - len(wave), 0)))[None], n_mels=cfg.n_mels)
             xs.append(F.pad(fb[0], (0, 0, 0, max(T - fb.shape[1], 0)))[:T].half())   # (1, T', F) -> (T, F)
