@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -173,7 +174,7 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
     opt = torch.optim.AdamW([dict(g) for g in groups], lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
                             fused=ctx.device.type == "cuda")
     last, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
-    start, best, best_step, elapsed = 0, math.inf, -1, 0.0
+    start, best, best_step, elapsed, good, stop = 0, math.inf, -1, 0.0, "none yet", []
     if resume and os.path.exists(last):
         ck = load(last)
         if settings is not None:
@@ -182,6 +183,7 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
         opt.load_state_dict(ck["optimizer"])
         start, best, best_step, elapsed = ck["step"], ck["best"], ck["best_step"], ck["elapsed"]
         torch.set_rng_state(ck["rng"])
+        good = last
         if ctx.main:
             print(f"{name}: resuming at step {start} from {last}")
             kept = [line for line in Path(metrics_path).read_text().splitlines(True)   # later steps: trained again
@@ -192,40 +194,52 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
         open(metrics_path, "w").close()
     ddp = model if ctx.world == 1 else nn.parallel.DistributedDataParallel(   # an expert may get no token on a rank
         model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, find_unused_parameters=True)
-    for step in range(start, s.steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, s)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        model.train()
-        idx = batch_indices(step, n_items, s.batch, seed, ctx) if n_items else \
-            torch.arange(s.batch).chunk(ctx.world)[ctx.rank]
-        loss, logged = step_loss(ddp, step, idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        opt.step()
-        elapsed += time.perf_counter() - t0
-        done = step + 1
-        record = dict(step=done, lr=lr, grad_norm=float(grad_norm), **logged)
-        if validate is not None and (done % eval_every == 0 or done == s.steps):
+    handlers = {sig: signal.signal(sig, lambda n, f: signal.default_int_handler(n, f) if stop else stop.append(n))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:                    # SIGTERM / SIGINT: end the step, save last.pt, exit 128 + signal; a 2nd one: at once
+        for step in range(start, s.steps):
+            t0, lr = time.perf_counter(), lr_at(step, s)
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            model.train()
+            idx = batch_indices(step, n_items, s.batch, seed, ctx) if n_items else \
+                torch.arange(s.batch).chunk(ctx.world)[ctx.rank]
+            loss, logged = step_loss(ddp, step, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()   # one host sync a step: the norm, + 0 * loss to be non-finite if either is
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip) + 0 * loss.detach())
+            if not math.isfinite(grad_norm):              # before the update: no NaN reaches last.pt / best.pt
+                raise SystemExit(f"{name}: the loss or gradient norm of step {step + 1} is {grad_norm}; "
+                                 f"stopped before the update; the last good checkpoint: {good}")
+            opt.step()
+            elapsed, done = elapsed + (time.perf_counter() - t0), step + 1
+            record = dict(step=done, lr=lr, grad_norm=grad_norm, **logged)
+            if validate is not None and (done % eval_every == 0 or done == s.steps):
+                if ctx.main:
+                    record["valid_loss"] = v = validate()
+                    if v < best:
+                        best, best_step = v, done
+                        save_atomic(state(), os.path.join(run_dir, "best.pt"))   # a copy, not a reference
+                barrier(ctx)
             if ctx.main:
-                record["valid_loss"] = v = validate()
-                if v < best:
-                    best, best_step = v, done
-                    save_atomic(state(), os.path.join(run_dir, "best.pt"))   # a copy, not a reference
-            barrier(ctx)
-        if ctx.main:
-            record["ms_per_step"] = 1e3 * elapsed / done          # elapsed counts every step, resumed too
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if verbose and (done % log_every == 0 or done == s.steps or "valid_loss" in record):
-                shown = " ".join(f"{k} {v:.4g}" for k, v in logged.items())
-                valid = f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
-                print(f"{name} step {done:5d} | {shown} | lr {lr:.2e} grad {float(grad_norm):.2f} | "
-                      f"{record['ms_per_step']:.0f} ms/step {s.batch * tokens_per_item / (elapsed / done):,.0f} tok/s{valid}")
-            if done % max(eval_every or log_every, 1) == 0 or done == s.steps:
-                save_atomic(dict(model=state(), optimizer=opt.state_dict(), step=done, best=best, best_step=best_step,
-                                 elapsed=elapsed, rng=torch.get_rng_state(), settings=settings), last)
+                record["ms_per_step"] = 1e3 * elapsed / done          # elapsed counts every step, resumed too
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if verbose and (done % log_every == 0 or done == s.steps or "valid_loss" in record):
+                    shown = " ".join(f"{k} {v:.4g}" for k, v in logged.items())
+                    valid = f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
+                    print(f"{name} step {done:5d} | {shown} | lr {lr:.2e} grad {grad_norm:.2f} | "
+                          f"{record['ms_per_step']:.0f} ms/step {s.batch * tokens_per_item / (elapsed / done):,.0f} tok/s{valid}")
+                if stop or done % max(eval_every or log_every, 1) == 0 or done == s.steps:
+                    save_atomic(dict(model=state(), optimizer=opt.state_dict(), step=done, best=best, best_step=best_step,
+                                     elapsed=elapsed, rng=torch.get_rng_state(), settings=settings), last)
+                    good = last
+            if stop:
+                print(f"{name}: stopped by signal {stop[0]} after step {done}, saved in {good}; to continue, run the "
+                      f"same command with --resume", file=sys.stderr, flush=True)
+                raise SystemExit(128 + stop[0])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     barrier(ctx)
     return dict(steps=s.steps, seconds=elapsed, best_valid=best, best_step=best_step)

@@ -1,0 +1,154 @@
+"""Real process kills and divergence (issue 18, items 2 and 3): a SIGKILLed `train.py adapter` resumes to the
+weights of an uninterrupted run, bit for bit; SIGTERM / SIGINT end the step, save last.pt and say how to resume;
+a NaN / inf loss or gradient stops `fit` before the update, naming the step and the last good checkpoint."""
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import loop
+import train
+from conftest import MICRO, ROOT
+
+# Long enough 3a / 3b phases (~5 ms a step) that a signal sent when the first last.pt appears lands mid-run.
+LONG = [*MICRO, "--align_steps=300", "--steps=300"]
+ENV = {**os.environ, "PYTHONPATH": ROOT}   # the same threads as this process: the same float rounding
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of LONG: its folder (the pre-trained stages are copied from it, not trained again)."""
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    train.main(["adapter", f"--out_dir={out}", *LONG])
+    return out
+
+
+def _start(reference, out, wait_for):
+    """`train.py adapter` in a new process on a copy of reference's pre-trained stages, once `wait_for` exists;
+    its stdout and stderr go to out/stdout.txt and out/stderr.txt (a pipe could fill up and block it)."""
+    os.makedirs(out)
+    for f in ("mel.pt", "config.json"):
+        shutil.copy(os.path.join(reference, f), out)
+    for d in ("encoder", "llm"):
+        shutil.copytree(os.path.join(reference, d), os.path.join(out, d))
+    with open(os.path.join(out, "stdout.txt"), "w") as o, open(os.path.join(out, "stderr.txt"), "w") as e:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "adapter", f"--out_dir={out}",
+                                 *LONG], env=ENV, stdout=o, stderr=e)
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(out, wait_for)):
+        assert proc.poll() is None and time.time() < deadline, Path(out, "stderr.txt").read_text()
+        time.sleep(0.005)
+    return proc
+
+
+def _assert_same_weights(a_dir, b_dir):
+    for f in ("moe-s0/align/best.pt", "moe-s0/last.pt", "moe-s0/best.pt"):
+        a, b = loop.load(os.path.join(a_dir, f)), loop.load(os.path.join(b_dir, f))
+        a, b = a.get("model", a), b.get("model", b)
+        assert a.keys() == b.keys() and a, f
+        for part in a:
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), (f, part, k)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_weights(reference, tmp_path):
+    out = str(tmp_path / "killed")
+    proc = _start(reference, out, "moe-s0/align/last.pt")
+    time.sleep(random.uniform(0, 0.2))                   # a (seeded) random step after the first checkpoint
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL                # killed, not finished
+    assert not os.path.exists(os.path.join(out, "moe-s0", "summary.json"))
+    assert 3 <= loop.load(os.path.join(out, "moe-s0", "align", "last.pt"))["step"] < 300
+    train.main(["adapter", "--resume", f"--out_dir={out}", *LONG])
+    _assert_same_weights(reference, out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_sigterm_and_sigint_end_the_step_save_last_pt_and_say_how_to_resume(reference, tmp_path, sig):
+    out = str(tmp_path / "stopped")
+    proc = _start(reference, out, "moe-s0/last.pt")      # in 3b, after its first checkpoint
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    stderr = Path(out, "stderr.txt").read_text()
+    assert proc.returncode == 128 + sig, stderr
+    assert "--resume" in stderr and "moe s0: stopped by signal" in stderr
+    ck = loop.load(os.path.join(out, "moe-s0", "last.pt"))   # written atomically: loadable, the step it ended
+    assert f"after step {ck['step']}," in stderr and ck["step"] < 300
+    assert not [f for f in os.listdir(os.path.join(out, "moe-s0")) if ".tmp" in f]
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "adapter", "--resume", f"--out_dir={out}", *LONG],
+                   env=ENV, check=True, capture_output=True)
+    _assert_same_weights(reference, out)
+
+
+# --- fit on a toy model: y = w x + b by least squares, checkpoints every 2 steps
+
+def _toy_fit(tmp_path, step_hook, steps=8, resume=False):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+
+    def step_loss(m, step, idx):
+        loss = ((m(x[idx]) - y[idx]) ** 2).mean()
+        return step_hook(m, step, loss), dict(mse=float(loss.detach()))
+    validate = torch.no_grad()(lambda: float(((model(x) - y) ** 2).mean()))
+    state = lambda: {k: v.clone() for k, v in model.state_dict().items()}
+    return loop.fit("toy", model, step_loss, loop.Schedule(steps, 4, 0.1, warmup=1), loop.Ctx(torch.device("cpu")),
+                    str(tmp_path), resume, 0, 16, state, model.load_state_dict, validate=validate, eval_every=2,
+                    verbose=False)
+
+
+def _nan_if(k, how):
+    def hook(m, step, loss):
+        if step != k:
+            return loss
+        if how == "grad":                                # a finite loss, a NaN gradient: d sqrt(u) / du at u = 0
+            return loss + 0 * torch.sqrt(m.weight - m.weight.detach()).sum()
+        return loss * {"nan": math.nan, "inf": math.inf}[how]
+    return hook
+
+
+@pytest.mark.parametrize("how", ["nan", "inf", "grad"])
+@pytest.mark.parametrize("k", [0, 5])
+def test_a_non_finite_loss_or_gradient_stops_before_the_update_and_names_the_last_good_checkpoint(tmp_path, k, how):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        _toy_fit(tmp_path, _nan_if(k, how))
+    # Steps are counted from 1 as in the log: step index k (0-based, as step_loss sees it) is step k + 1.
+    last = os.path.join(tmp_path, "last.pt")
+    assert f"toy: the loss or gradient norm of step {k + 1} is" in str(e.value)
+    assert str(e.value).endswith(last if k else "none yet")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    if k:                                                # checkpoints of steps 2 and 4, nothing of step 6
+        ck, best = loop.load(last), loop.load(os.path.join(tmp_path, "best.pt"))
+        assert ck["step"] == 4 and math.isfinite(ck["best"])
+        for t in [*ck["model"].values(), *best.values()]:
+            assert torch.isfinite(t).all()
+        for group in ck["optimizer"]["state"].values():
+            assert all(torch.isfinite(v).all() for v in group.values())
+    else:
+        assert not os.path.exists(last) and not os.path.exists(os.path.join(tmp_path, "best.pt"))
+
+
+def test_a_signal_in_process_ends_the_step_then_saves_and_resumes_exactly(tmp_path):
+    """SIGTERM during step index 2 (0-based): step 3 completes, last.pt holds 3 steps (not a multiple of 2)."""
+    def term_at_2(m, step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    with pytest.raises(SystemExit) as e:
+        _toy_fit(tmp_path / "cut", term_at_2)
+    assert e.value.code == 128 + signal.SIGTERM and loop.load(os.path.join(tmp_path, "cut", "last.pt"))["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    _toy_fit(tmp_path / "cut", lambda m, step, loss: loss, resume=True)
+    _toy_fit(tmp_path / "full", lambda m, step, loss: loss)
+    a, b = (loop.load(os.path.join(tmp_path, d, "last.pt")) for d in ("cut", "full"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
