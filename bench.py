@@ -173,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7 CPU, 20 CUDA)")
     args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1 or args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--rounds must be >= 1, got {args.rounds}" if args.device != "cuda" else "--device=cuda: no CUDA device")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     rounds = args.rounds or (20 if device.type == "cuda" else 7)
     hw = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()

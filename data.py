@@ -8,6 +8,7 @@ import difflib
 import math
 import os
 import struct
+import sys
 import zlib
 from dataclasses import fields, replace
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -344,10 +345,10 @@ def load_corpus(root: str, label: str) -> Tuple[str, AudioFiles]:
         if os.path.exists(os.path.join(root, *LAYOUT_MARKERS[name])):
             return name, loader(root)
     if not os.path.isdir(root):
-        raise SystemExit(f"--data_dir={root}: no such folder")
+        raise UsageError(f"--data_dir={root}: no such folder")
     labels = sorted({t.label for t in TASKS.values()})
     if label not in labels:
-        raise SystemExit(f"--data_label={label!r} names no task label; allowed: {', '.join(labels)}")
+        raise UsageError(f"--data_label={label!r} names no task label; allowed: {', '.join(labels)}")
     records = []
     for c, fn in _class_files(root, "folder-per-class layout: <class>/*.wav"):
         h = zlib.crc32(fn.encode()) % 10                  # split stable across runs and machines
@@ -356,7 +357,7 @@ def load_corpus(root: str, label: str) -> Tuple[str, AudioFiles]:
     return "folder", AudioFiles(records, os.path.basename(os.path.normpath(root)))
 
 
-# --- Linear probe (eval.py) and strict --key=value overrides (the CLIs) ---------------------------
+# --- Linear probe (eval.py); the command line: --key=value overrides, usage errors ----------------
 def probe_accuracy(train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
                    n_classes: int, l2: float = 1e-3) -> float:
     """Held-out accuracy of an L-BFGS multinomial logistic regression (float64, mean cross-entropy
@@ -378,18 +379,30 @@ def probe_accuracy(train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.T
     return float((pred == test[1]).double().mean())
 
 
+class UsageError(SystemExit):
+    """A bad option, path or file found before any work: `cli` prints it as one line and exits with code 2."""
+
+
+def cli(main) -> None:
+    try:
+        main()
+    except UsageError as e:                 # no traceback: the message names the option, value and what is allowed
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def parse_overrides(defaults, argv: Sequence[str]) -> dict:
     """--key=value args -> {field: value}, typed as defaults' (bool: true/false/1/0; tuple: a,b floats); did-you-mean."""
     names = [f.name for f in fields(defaults)]
     out = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got {arg!r}")
+            raise UsageError(f"expected --key=value, got {arg!r}")
         key, value = arg[2:].split("=", 1)
         key = key.replace("-", "_")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
-            raise SystemExit(f"unknown option --{key}{f'; did you mean --{close[0]}?' if close else ''} "
+            raise UsageError(f"unknown option --{key}{f'; did you mean --{close[0]}?' if close else ''} "
                              f"(options: {', '.join(names)})")
         kind = type(getattr(defaults, key))
         try:
@@ -398,5 +411,5 @@ def parse_overrides(defaults, argv: Sequence[str]) -> dict:
             out[key] = (tuple(float(v) for v in value.split(",")) if kind is tuple
                         else value.lower() in ("true", "1") if kind is bool else kind(value))
         except ValueError:
-            raise SystemExit(f"--{key} takes a value of type {kind.__name__}, got {value!r}") from None
+            raise UsageError(f"--{key} takes a value of type {kind.__name__}, got {value!r}") from None
     return out

@@ -27,6 +27,7 @@ import llm as lm
 import loop
 import pretrain
 import train
+from data import UsageError
 from moe_adapter import ADAPTER_KINDS, MoEAdapterConfig, build_adapter
 
 GROUPS = ("semantic", "paralinguistic")
@@ -40,7 +41,7 @@ def load_parts(out_dir: str, ctx: Optional[loop.Ctx] = None) -> dict:
     """train.prepare of an output folder: frozen encoder, LLM and features (nothing is retrained)."""
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
-        raise SystemExit(f"{out_dir}: no config.json; expected a folder written by train.py")
+        raise UsageError(f"{out_dir}: no config.json; expected a folder written by train.py")
     cfg = train.TrainConfig(**_json(path))
     return train.prepare(cfg, ctx or loop.make_ctx(cfg.device, cfg.dtype), resume=False)
 
@@ -251,7 +252,7 @@ def evaluate_run(run_dir: str, parts: Optional[dict] = None, ctx=None, force: bo
     if not force and os.path.exists(path):
         return _json(path)
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
-        raise SystemExit(f"{run_dir}: no summary.json; the run has not finished (train.py --resume)")
+        raise UsageError(f"{run_dir}: no summary.json; the run has not finished (train.py --resume)")
     parts = parts or load_parts(os.path.dirname(os.path.abspath(run_dir)), ctx)
     ctx = ctx or loop.make_ctx("auto", "auto")
     summary = _json(os.path.join(run_dir, "summary.json"))
@@ -361,7 +362,7 @@ def parse_cli(argv: Optional[Sequence[str]], script: str):
     paths = [a for a in argv if a != "--force" and not a.startswith("--runs=")]
     bad = [a for a in paths if a.startswith("-")]
     if bad or not paths:
-        raise SystemExit(f"usage: python {script} OUT_DIR | RUN_DIR [...] [--force] [--runs=NAME,...]"
+        raise UsageError(f"usage: python {script} OUT_DIR | RUN_DIR [...] [--force] [--runs=NAME,...]"
                          + (f"; unknown option {bad[0]}" if bad else ""))
     return paths, "--force" in argv, (names[-1] if names else None)
 
@@ -370,16 +371,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     paths, force, names = parse_cli(argv, "eval.py")
     for p in paths:
         if not os.path.isdir(p):
-            raise SystemExit(f"{p}: no such folder")
+            raise UsageError(f"{p}: no such folder")
         if moa_out_dir(p) is not None:
-            raise SystemExit(f"{p} is a Soft-MoA folder of train_moa.py: score it with python eval_moa.py {p}")
+            raise UsageError(f"{p} is a Soft-MoA folder of train_moa.py: score it with python eval_moa.py {p}")
         if os.path.exists(os.path.join(p, "summary.json")):                          # one run
             evaluate_run(p, force=True)
             continue
         runs = [os.path.join(p, r) for r in names] if names else \
             sorted(os.path.join(p, r) for r in os.listdir(p) if os.path.exists(os.path.join(p, r, "summary.json")))
         if not runs:
-            raise SystemExit(f"{p}: no finished run (a folder with summary.json) inside")
+            raise UsageError(f"{p}: no finished run (a folder with summary.json) inside")
         parts = load_parts(p)
         ctx = loop.make_ctx("cpu" if parts["llm"].embed_tokens.weight.device.type == "cpu" else "cuda", "auto")
         for r in runs:
@@ -388,4 +389,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

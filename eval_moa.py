@@ -15,6 +15,7 @@ import data
 import soft_moa as sm
 import train_moa
 from eval import _json, mean_std, moa_out_dir, parse_cli
+from data import UsageError
 from loop import load, make_ctx, write_json
 
 
@@ -44,7 +45,7 @@ def evaluate_moa_run(run_dir: str, ast: dict, cfg, caches: dict, ctx, force: boo
                                                   c["slots"])
     best = load(os.path.join(run_dir, "best.pt"))
     if set(best) != set(trainable):
-        raise SystemExit(f"{run_dir}/best.pt does not hold the trainable parameters of {s['method']}")
+        raise UsageError(f"{run_dir}/best.pt does not hold the trainable parameters of {s['method']}")
     model.load_state_dict(best, strict=False)
     model.to(ctx.device).eval()
     for mixture in (m for m in model.modules() if isinstance(m, (sm.DenseMoA, sm.SoftMoA))):
@@ -120,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     paths, force, runs = parse_cli(argv, "eval_moa.py")
     for p in paths:
         if not os.path.isdir(p) or (out_dir := moa_out_dir(p)) is None:
-            raise SystemExit(f"{p}: not a train_moa.py folder (no Soft-MoA config.json in or above it; "
+            raise UsageError(f"{p}: not a train_moa.py folder (no Soft-MoA config.json in or above it; "
                              f"train.py's runs: python eval.py {p})")
         cfg = _json(os.path.join(out_dir, "config.json"))
         cfg = train_moa.MoAConfig(**{k: v for k, v in cfg.items() if k not in ("workers", "compile")})  # older fields
@@ -129,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         names = runs if runs is not None else sorted(
             os.path.relpath(root, out_dir) for root, _, files in os.walk(out_dir) if "summary.json" in files)
         if not names:
-            raise SystemExit(f"{out_dir}: no finished Soft-MoA run (a folder with summary.json) inside")
+            raise UsageError(f"{out_dir}: no finished Soft-MoA run (a folder with summary.json) inside")
         for ablation in (False, True):
             rs = [os.path.join(out_dir, r) for r in names if r.startswith("ablate" + os.sep) == ablation]
             for r in rs:
@@ -139,4 +140,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

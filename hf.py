@@ -56,8 +56,7 @@ def read_checkpoint(src) -> Tuple[Dict[str, torch.Tensor], str, Optional[dict]]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     folder = os.path.dirname(path)
     if path.endswith(".json"):
-        with open(path) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = idx.get("weight_map") if isinstance(idx := _json(path), dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{path} has no weight_map; expected a sharded-checkpoint index")
         shards = [os.path.join(folder, shard) for shard in sorted(set(weight_map.values()))]
@@ -66,13 +65,18 @@ def read_checkpoint(src) -> Tuple[Dict[str, torch.Tensor], str, Optional[dict]]:
             raise ValueError(f"shards of {path} lack keys its weight_map lists: {missing[:10]}")
     else:
         sd = read_weight_file(path)
-    try:                                        # config.json beside the weights, if any
-        with open(os.path.join(folder, "config.json")) as f:
-            return sd, os.fspath(src), json.load(f)
+    return sd, os.fspath(src), _json(os.path.join(folder, "config.json"))    # config.json beside the weights, if any
+
+
+def _json(path: str) -> Optional[dict]:
+    """A JSON file (None if absent); not JSON is an error that names the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
     except FileNotFoundError:
-        return sd, os.fspath(src), None
+        return None
     except ValueError as e:
-        raise ValueError(f"{f.name}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _load_checked(model, mapped: Mapping, where: str, origin=None, unexpected=(), fresh=(), assign=False) -> None:

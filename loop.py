@@ -8,8 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -17,6 +18,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+import hf
+from data import UsageError, load_corpus
+
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
 
 
 @dataclass
@@ -35,7 +44,7 @@ def make_ctx(device: str, dtype: str) -> Ctx:
     """Device, autocast (auto: bf16 on CUDA, fp32 on CPU) and under torchrun the process group."""
     cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device=cuda but torch sees no CUDA device")
+        raise UsageError("--device=cuda but torch sees no CUDA device; allowed here: auto, cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -65,8 +74,35 @@ def save_atomic(obj, path: str, save: Callable = torch.save) -> None:
     """save(obj, temp file), then rename: a crash never leaves a half-written checkpoint or JSON."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    save(obj, tmp)
+    try:
+        save(obj, tmp)
+    except BaseException:                   # a full disk, a kill: the previous file stays as it was
+        os.path.exists(tmp) and os.remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+@contextmanager
+def out_dir_lock(out_dir: str, ctx: Ctx):
+    """Make out_dir and hold out_dir/.lock while the run lives: a second run there is refused, and since the
+    kernel drops a dead process's flock, a killed run leaves none stuck (Windows, without fcntl: no lock)."""
+    if not ctx.main:
+        yield
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise UsageError(f"--out_dir={out_dir}: cannot write there ({e.strerror}); pass a writable folder") from None
+    with f:
+        try:
+            fcntl and fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise UsageError(f"--out_dir={out_dir} is in use by a live run (pid {f.read().strip()}); wait for it "
+                             f"to end, or pass another --out_dir") from None
+        f.truncate(0), f.write(f"{os.getpid()}\n"), f.flush()
+        yield
 
 
 def write_json(obj, path: str) -> None:
@@ -86,13 +122,27 @@ def load(path: str) -> dict:
         raise ValueError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {str(e)[:300]})") from None
 
 
+def check_inputs(cfg, checkpoints: Sequence[str], label: str) -> None:
+    """Before any work: --data_dir has a layout data.load_corpus reads, each checkpoint option names a file or
+    folder that parses (ours: a .pt; else a Hugging Face folder or weight file). Else one line naming it."""
+    opt = f"--data_dir={cfg.data_dir}"
+    try:
+        cfg.data_dir and load_corpus(cfg.data_dir, label)
+        for opt in (f"--{k}={getattr(cfg, k)}" for k in checkpoints if getattr(cfg, k)):
+            if not os.path.exists(path := opt.split("=", 1)[1]):
+                raise FileNotFoundError("no such file or folder")
+            load(path) if path.endswith(".pt") and os.path.isfile(path) else hf.read_checkpoint(path)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{opt}: {e}") from None
+
+
 def check_same_config(path: str, want: dict, what: str, have: Optional[dict] = None) -> None:
     """A finished (or, on --resume, partial) stage is reused only if made with the same settings."""
     have = load(path)["stage_config"] if have is None else have
     diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if diff:
         changes = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in diff[:6])
-        raise SystemExit(f"{path} holds a {what} made with other settings ({changes}); use another "
+        raise UsageError(f"{path} holds a {what} made with other settings ({changes}); use another "
                          f"--out_dir, or delete it to retrain")
 
 
@@ -112,10 +162,10 @@ def split_args(argv: Sequence[str], commands: Sequence[str], presets: Sequence[s
     argv = list(argv)
     command = argv.pop(0) if argv and not argv[0].startswith("-") else commands[0]
     if command not in commands:
-        raise SystemExit(f"unknown command {command!r}; allowed: {', '.join(commands)}")
+        raise UsageError(f"unknown command {command!r}; allowed: {', '.join(commands)}")
     preset = ([a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or ["tiny"])[-1]
     if preset not in presets:
-        raise SystemExit(f"unknown config {preset!r}; allowed: {', '.join(presets)}")
+        raise UsageError(f"unknown config {preset!r}; allowed: {', '.join(presets)}")
     return command, preset, "--resume" in argv, [a for a in argv if a != "--resume" and not a.startswith("--config=")]
 
 
@@ -169,7 +219,7 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
     groups = param_groups or [dict(params=[p for p in model.parameters() if p.requires_grad], lr_scale=1.0)]
     params = [p for g in groups for p in g["params"]]
     if s.batch % ctx.world or (n_items is not None and n_items < s.batch):
-        raise SystemExit(f"{name}: the global batch {s.batch} must be a multiple of the {ctx.world} processes "
+        raise UsageError(f"{name}: the global batch {s.batch} must be a multiple of the {ctx.world} processes "
                          f"and at most the {n_items} training items")
     opt = torch.optim.AdamW([dict(g) for g in groups], lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
                             fused=ctx.device.type == "cuda")
@@ -195,7 +245,7 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
     ddp = model if ctx.world == 1 else nn.parallel.DistributedDataParallel(   # an expert may get no token on a rank
         model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, find_unused_parameters=True)
     handlers = {sig: signal.signal(sig, lambda n, f: signal.default_int_handler(n, f) if stop else stop.append(n))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+                for sig in (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread()}
     try:                    # SIGTERM / SIGINT: end the step, save last.pt, exit 128 + signal; a 2nd one: at once
         for step in range(start, s.steps):
             t0, lr = time.perf_counter(), lr_at(step, s)
@@ -212,6 +262,8 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
                 raise SystemExit(f"{name}: the loss or gradient norm of step {step + 1} is {grad_norm}; "
                                  f"stopped before the update; the last good checkpoint: {good}")
             opt.step()
+            if ctx.world > 1 and float(global_sum(torch.tensor(float(bool(stop)), device=ctx.device), ctx)) and not stop:
+                stop.append(signal.SIGTERM)         # one process signalled: every process stops after this step
             elapsed, done = elapsed + (time.perf_counter() - t0), step + 1
             record = dict(step=done, lr=lr, grad_norm=grad_norm, **logged)
             if validate is not None and (done % eval_every == 0 or done == s.steps):

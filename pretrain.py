@@ -17,6 +17,7 @@ import data
 import encoder as enc
 import hf
 import llm as lm
+from data import UsageError
 from loop import Ctx, Schedule, barrier, check_same_config, fit, global_sum, load, save_atomic
 
 
@@ -71,10 +72,7 @@ def span_mask(G: int, T: int, g: torch.Generator) -> torch.Tensor:
 def stage_encoder(cfg, mels: dict, ctx: Ctx, resume: bool) -> enc.WhisperEncoder:
     """Pre-train (or load) the encoder on mels["train"] (a train.Mels); returns it frozen on ctx.device."""
     path = cfg.encoder_checkpoint
-    if path:
-        if not os.path.exists(path):
-            raise SystemExit(f"--encoder_checkpoint={path}: no such file or folder (expected a Whisper "
-                             f"checkpoint or train.py's encoder.pt)")
+    if path:                                    # loop.check_inputs found it and parsed it at start-up
         if path.endswith(".pt") and "stage_config" in (ck := load(path)):        # our own encoder.pt
             model = _frozen(enc.WhisperEncoder(enc.WhisperEncoderConfig(**ck["config"])), ctx, ck)
         else:
@@ -82,7 +80,7 @@ def stage_encoder(cfg, mels: dict, ctx: Ctx, resume: bool) -> enc.WhisperEncoder
             if ctx.main:
                 print(report)
         if model.cfg.n_mels != cfg.n_mels:
-            raise SystemExit(f"{path}: the encoder takes {model.cfg.n_mels} mel bins but --n_mels="
+            raise UsageError(f"{path}: the encoder takes {model.cfg.n_mels} mel bins but --n_mels="
                              f"{cfg.n_mels}; set --n_mels={model.cfg.n_mels}")
         return _frozen(model, ctx)
     final = os.path.join(cfg.out_dir, "encoder", "encoder.pt")
@@ -145,15 +143,12 @@ def text_document(rng: np.random.Generator, choices: Dict[str, List[str]], max_f
 def stage_llm(cfg, choices: Dict[str, List[str]], ctx: Ctx, resume: bool):
     """Pre-train (or load) the LLM; returns (tokenizer, frozen LLM on ctx.device). Deviation (plain LM
     pre-training): the loss is on the answer and its EOS only; the random facts carry no signal."""
-    path = cfg.llm_checkpoint
-    if path and not os.path.exists(path):
-        raise SystemExit(f"--llm_checkpoint={path}: no such file or folder (expected train.py's llm.pt "
-                         f"or a Hugging Face folder with config.json, weights and tokenizer.json)")
+    path = cfg.llm_checkpoint                   # checked at start-up: loop.check_inputs
     if path and not path.endswith(".pt"):                                          # Hugging Face dir
         model = hf.load_llm(path, dtype=torch.float32)
         c = model.cfg
         if c.audio_token_id is None:
-            raise SystemExit(f"{path}: the LLM has no audio placeholder token; add \"audio_token_id\": ID "
+            raise UsageError(f"{path}: the LLM has no audio placeholder token; add \"audio_token_id\": ID "
                              f"to its config.json, an id no text encodes to (Qwen2/3: {lm.QWEN_AUDIO_ID})")
         tok = hf.HFTokenizer(path)
         tok.bos_id, tok.eos_id, tok.pad_id, tok.audio_id = c.bos_id, c.eos_id, c.pad_id, c.audio_token_id

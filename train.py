@@ -35,8 +35,9 @@ from tqdm import tqdm
 import data
 import encoder as enc
 import llm as lm
-from loop import (Ctx, Schedule, barrier, finished_run, fit, global_sum, load, make_ctx, read_json, run_script,
-                  save_atomic, split_args, write_json)
+from data import UsageError
+from loop import (Ctx, Schedule, barrier, check_inputs, finished_run, fit, global_sum, load, make_ctx, out_dir_lock,
+                  read_json, run_script, save_atomic, split_args, write_json)
 from moe_adapter import ADAPTER_KINDS, MoEAdapterConfig, build_adapter, count_params
 from pretrain import CAPTION, caption, stage_encoder, stage_llm, token_ce
 
@@ -161,9 +162,9 @@ def parse_args(argv: Sequence[str]):
     try:
         cfg = dataclasses.replace(base, **data.parse_overrides(base, rest))
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise UsageError(str(e)) from None
     if preset == "paper" and not (cfg.encoder_checkpoint and cfg.llm_checkpoint):
-        raise SystemExit("--config=paper runs on the real checkpoints: pass --encoder_checkpoint=PATH "
+        raise UsageError("--config=paper runs on the real checkpoints: pass --encoder_checkpoint=PATH "
                          "(Whisper large-v3) and --llm_checkpoint=DIR (Qwen3-1.7B, a Hugging Face folder)")
     return command, cfg, resume
 
@@ -283,7 +284,7 @@ def instruction_items(cfg: TrainConfig, srcs: dict) -> Dict[str, List[dict]]:
         ds = data.InstructionDataset(src, all_tasks=True, seed=cfg.data_seed)
         out[split] = [ds.meta(i) for i in range(len(ds))]
         if not out[split]:
-            raise SystemExit(f"the {split} split has no clip with a task label "
+            raise UsageError(f"the {split} split has no clip with a task label "
                              f"({', '.join(sorted({t.label for t in data.TASKS.values()}))})")
     return out
 
@@ -533,20 +534,22 @@ def controls(command: str, cfg: TrainConfig, ctx: Ctx, resume: bool) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     command, cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
+    check_inputs(cfg, ("encoder_checkpoint", "llm_checkpoint"), cfg.data_label)
     ctx = make_ctx(cfg.device, cfg.dtype)
     t0 = time.perf_counter()
     if ctx.main:
         print(f"train.py {command}: device {ctx.device}, {ctx.world} process(es), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, out_dir {cfg.out_dir}")
-    if command == "all":
-        train_all(cfg, ctx, resume)
-    elif command in ("heterogeneity", "capacity"):
-        controls(command, cfg, ctx, resume)
-    else:
-        stages = {"encoder": ("encoder",), "llm": ("llm",)}.get(command, ("encoder", "llm", "features"))
-        parts = prepare(cfg, ctx, resume, stages)
-        if command == "adapter":
-            stage_adapter(cfg, cfg.adapter, cfg.seed, parts, ctx, resume)
+    with out_dir_lock(cfg.out_dir, ctx):
+        if command == "all":
+            train_all(cfg, ctx, resume)
+        elif command in ("heterogeneity", "capacity"):
+            controls(command, cfg, ctx, resume)
+        else:
+            stages = {"encoder": ("encoder",), "llm": ("llm",)}.get(command, ("encoder", "llm", "features"))
+            parts = prepare(cfg, ctx, resume, stages)
+            if command == "adapter":
+                stage_adapter(cfg, cfg.adapter, cfg.seed, parts, ctx, resume)
     if ctx.main:
         print(f"train.py {command}: {time.perf_counter() - t0:.0f} s wall")
     if ctx.world > 1:
@@ -554,4 +557,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

@@ -22,8 +22,9 @@ import data
 import encoder as enc
 import soft_moa as sm
 import synth
-from loop import (Ctx, Schedule, barrier, check_same_config, finished_run, fit, global_sum, load, make_ctx,
-                  run_script, save_atomic, split_args, write_json)
+from data import UsageError
+from loop import (Ctx, Schedule, barrier, check_inputs, check_same_config, finished_run, fit, global_sum, load,
+                  make_ctx, out_dir_lock, run_script, save_atomic, split_args, write_json)
 
 # Fields that say which runs to make and where, not how one is made: a finished run is reused whatever they are.
 RUN_CONTROL = ("out_dir", "seeds", "evaluate", "device", "benchmarks", "methods",
@@ -98,6 +99,8 @@ class MoAConfig:
                                  "slots", "epochs", "batch", "ablate_budget", "pre_seconds", "pre_lr", "lr", "full_lr")
                      if not getattr(self, k) > 0]:                                          # ints: >= 1
             raise ValueError(f"{small[0]} must be > 0, got {getattr(self, small[0])}")
+        if not self.max_seconds >= 0:
+            raise ValueError(f"max_seconds must be >= 0 (0: the benchmark's clip length), got {self.max_seconds}")
         if bad := [n for n in _ints(self.ablate_experts, "ablate_experts") if self.ablate_budget % n]:
             raise ValueError(f"ablate_experts: {bad[0]} adapters do not divide ablate_budget={self.ablate_budget}")
         _ints(self.ablate_slots, "ablate_slots")
@@ -114,9 +117,9 @@ def parse_args(argv: Sequence[str]) -> Tuple[str, MoAConfig, bool]:
     try:
         cfg = replace(base, **data.parse_overrides(base, rest))
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise UsageError(str(e)) from None
     if preset == "paper" and not cfg.ast_checkpoint:   # its AST fields are tiny: pre-training them is no AST-Base
-        raise SystemExit("--config=paper fine-tunes AST-Base: pass --ast_checkpoint=PATH (a transformers AST folder)")
+        raise UsageError("--config=paper fine-tunes AST-Base: pass --ast_checkpoint=PATH (a transformers AST folder)")
     return command, cfg, resume
 
 
@@ -166,7 +169,7 @@ def fold_split(splits: List[str], seed: int) -> Dict[str, torch.Tensor]:
     role = {s: s if plain else "test" if s == test else "valid" if s == valid else "train" for s in names}
     out = {r: torch.tensor([i for i, s in enumerate(splits) if role[s] == r]).long() for r in ("train", "valid", "test")}
     if empty := [r for r, idx in out.items() if len(idx) == 0]:
-        raise SystemExit(f"no {empty[0]} clips (splits present: {', '.join(names)})")
+        raise UsageError(f"no {empty[0]} clips (splits present: {', '.join(names)})")
     return out
 
 
@@ -215,9 +218,7 @@ def _backbone(acfg: enc.ASTConfig, sd: dict) -> dict:
 
 def stage_ast(cfg: MoAConfig, ctx: Ctx, resume: bool) -> dict:
     """Pre-train (or load) the AST: {config (BACKBONE_FIELDS), backbone state dict, fbank mean, std, summary}."""
-    if cfg.ast_checkpoint:
-        if not os.path.exists(cfg.ast_checkpoint):
-            raise SystemExit(f"--ast_checkpoint={cfg.ast_checkpoint}: no such file or folder")
+    if cfg.ast_checkpoint:                              # found and parsed at start-up: loop.check_inputs
         out = load(cfg.ast_checkpoint) if cfg.ast_checkpoint.endswith(".pt") else None
         if not (isinstance(out, dict) and "stage_config" in out):          # not an ast.pt of an earlier run
             from hf import load_ast                                         # Hugging Face / state-dict reader
@@ -226,7 +227,7 @@ def stage_ast(cfg: MoAConfig, ctx: Ctx, resume: bool) -> dict:
                 print(report)
             out = dict(_backbone(model.cfg, model.state_dict()), mean=enc.AST_MEAN, std=enc.AST_STD)
         if out["config"]["num_mel_bins"] != cfg.n_mels:
-            raise SystemExit(f"{cfg.ast_checkpoint}: the AST takes {out['config']['num_mel_bins']} mel bins but "
+            raise UsageError(f"{cfg.ast_checkpoint}: the AST takes {out['config']['num_mel_bins']} mel bins but "
                              f"--n_mels={cfg.n_mels}; set --n_mels={out['config']['num_mel_bins']}")
         return out
     run_dir, final = os.path.join(cfg.out_dir, "ast"), os.path.join(cfg.out_dir, "ast", "ast.pt")
@@ -273,7 +274,7 @@ def build_peft_model(ast: dict, method: str, n_classes: int, frames: int, r: int
     missing, unexpected = model.load_state_dict(sd, strict=False)
     new = [k for k in missing if not (k.startswith("head.") or ".adapters." in k)]
     if new or unexpected:
-        raise SystemExit(f"the AST checkpoint does not fit: missing {new[:4]}, unexpected {unexpected[:4]}")
+        raise UsageError(f"the AST checkpoint does not fit: missing {new[:4]}, unexpected {unexpected[:4]}")
     names = [k for k, _ in model.named_parameters()]
     trainable = (names if method == "full" else [k for k in names if k.startswith("head.")] if method == "linear"
                  else sm.mark_trainable(model, extra=("norm", "head")))
@@ -320,10 +321,17 @@ def peft_run(cfg: MoAConfig, ast: dict, ctx: Ctx, resume: bool, cache: dict, run
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """`all` or `ablate` (MoAConfig's ablate_* fields): train the runs not yet finished, then eval_moa.py on them."""
     command, cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
+    check_inputs(cfg, ("ast_checkpoint",), cfg.data_label)
     ctx = make_ctx(cfg.device, cfg.dtype)
+    with out_dir_lock(cfg.out_dir, ctx):
+        _main(command, cfg, resume, ctx)
+    if ctx.world > 1:
+        dist.destroy_process_group()
+
+
+def _main(command: str, cfg: MoAConfig, resume: bool, ctx: Ctx) -> None:
     if ctx.main:
         print(f"train_moa.py {command}: device {ctx.device}, {ctx.world} process(es), out_dir {cfg.out_dir}")
-        os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
     ast = stage_ast(cfg, ctx, resume)
     ablate = command == "ablate"
@@ -341,9 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         peft_run(cfg, ast, ctx, resume, caches[run[0]], os.path.join(cfg.out_dir, name), *run)
     if ctx.main and cfg.evaluate:                      # eval_moa.py on these runs, and their table
         run_script("eval_moa.py", cfg.out_dir, "--force", "--runs=" + ",".join(run[0] for run in runs))
-    if ctx.world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

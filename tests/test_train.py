@@ -319,16 +319,14 @@ def test_live_encoder_pipeline_runs_end_to_end_and_writes_no_cache(tmp_path, cap
     assert set(saved["expert_usage"]["domain"]) <= {"speech", "music", "environment", "mixture", "scene"}
 
 
-def test_paper_config_gets_past_the_mel_stage_and_names_the_missing_checkpoints(tmp_path):
+def test_paper_config_names_the_missing_checkpoints_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="--config=paper runs on the real checkpoints"):
         train.main(["adapter", "--config=paper", f"--out_dir={tmp_path}"])
-    # Live encoder (the paper config's default): items and log-mel sources are set up, nothing is
-    # written, and the run stops at the first checkpoint it cannot find, by name.
     missing = str(tmp_path / "whisper-large-v3")
     with pytest.raises(SystemExit, match=f"--encoder_checkpoint={missing}: no such file or folder"):
         train.main(["adapter", "--config=paper", f"--out_dir={tmp_path}", "--n_clips=40", "--workers=0",
                     f"--encoder_checkpoint={missing}", f"--llm_checkpoint={tmp_path / 'qwen3'}"])
-    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    assert os.listdir(tmp_path) == []                  # refused at start-up: nothing written
 
 
 # ----------------------------------------------------------------------------------------------
