@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,9 +77,13 @@ def save_atomic(obj, path: str, save: Callable = torch.save) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         save(obj, tmp)
-    except BaseException:                   # a full disk, a kill: the previous file stays as it was
-        os.path.exists(tmp) and os.remove(tmp)
-        raise
+    except BaseException as e:              # a full disk, a kill: the file there before stays as it was
+        os.path.lexists(tmp) and os.remove(tmp)
+        if not isinstance(e, Exception):
+            raise
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2 ** 20
+        raise SystemExit(f"{path}: writing failed ({type(e).__name__}: {str(e)[:200]}; {free:.0f} MiB free there); "
+                         f"the previous file is intact: free space, then run again (train: --resume)") from None
     os.replace(tmp, path)
 
 

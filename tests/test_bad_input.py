@@ -165,13 +165,17 @@ def bad_checkpoint(tmp_path, kind):
         torch.save({"w": torch.ones(2)}, tmp_path / "ck" / "pytorch_model.bin")
         (tmp_path / "ck" / "config.json").write_text("{'model_type': 'llama'}")      # Python, not JSON
         return tmp_path / "ck", "config.json"
+    elif kind == "index_not_json":
+        (tmp_path / "ck").mkdir()
+        (tmp_path / "ck" / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-0')   # cut short
+        return tmp_path / "ck", "model.safetensors.index.json"
     return p, p.name
 
 
 @pytest.mark.parametrize("kind, words", [
     ("truncated_pt", "unreadable weight file"), ("non_dict_pt", "does not hold a flat state dict"),
     ("text_as_pt", "unreadable weight file"), ("truncated_safetensors", "unreadable weight file"),
-    ("config_not_json", "not valid JSON")])
+    ("config_not_json", "not valid JSON"), ("index_not_json", "not valid JSON")])
 def test_hf_read_checkpoint_refuses_bad_files_by_name(tmp_path, kind, words):
     path, culprit = bad_checkpoint(tmp_path, kind)
     with pytest.raises(ValueError, match=words) as e:
@@ -214,16 +218,50 @@ CLI_CASES = [   # (parser, argv, pattern its one-line SystemExit must match)
     (train_moa.parse_args, ["--slotz=2"], "unknown option --slotz; did you mean --slots\\?"),
     (train_moa.parse_args, ["--evaluate=maybe"], "--evaluate takes a value of type bool"),
     (train_moa.parse_args, ["--config=nope"], "unknown config 'nope'; allowed: tiny, paper"),
+    (train_moa.parse_args, ["--max_seconds=-1"], "^max_seconds must be >= 0"),
 ]
 
 
 @pytest.mark.parametrize("parse, argv, words", CLI_CASES, ids=[f"{p.__module__}{a}" for p, a, _ in CLI_CASES])
 def test_cli_refuses_bad_options_in_one_line_naming_them(parse, argv, words):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(data.UsageError) as e:                 # data.cli: one line on stderr, exit code 2
         parse(argv)
     message = str(e.value.code)
     assert re.search(words, message), message
     assert "\n" not in message
+
+
+def start_up_cases(tmp_path):
+    """(script and arguments, what the one-line error names): each found at start-up, before any work."""
+    bad_pt, _ = bad_checkpoint(tmp_path, "truncated_pt")
+    index, _ = bad_checkpoint(tmp_path, "index_not_json")
+    return [(["train.py", "--top_k=9"], "top_k must be in"),
+            (["train.py", "--out_dir=/proc/x"], "--out_dir=/proc/x: cannot write there"),
+            (["train.py", f"--out_dir={tmp_path / 'o'}", f"--encoder_checkpoint={bad_pt}"],
+             f"--encoder_checkpoint={bad_pt}: .*unreadable weight file|not a checkpoint"),
+            (["train.py", f"--out_dir={tmp_path / 'o'}", f"--llm_checkpoint={index}"], "index.json: not valid JSON"),
+            (["train.py", f"--data_dir={tmp_path / 'none'}"], "--data_dir=.*none: no such folder"),
+            (["train.py", "--device=cuda"] if not torch.cuda.is_available() else ["train.py", "--device=tpu"],
+             "--device"),
+            (["train_moa.py", "--max_seconds=-1"], "max_seconds must be >= 0"),
+            (["train_moa.py", f"--out_dir={tmp_path / 'o'}", f"--ast_checkpoint={tmp_path / 'no.pt'}"],
+             "--ast_checkpoint=.*no.pt: no such file or folder"),
+            (["eval.py", str(tmp_path / "none")], "none: no such folder"),
+            (["eval_moa.py", str(tmp_path)], "not a train_moa.py folder"),
+            (["bench.py", "--rounds=0"], "--rounds must be >= 1")]
+
+
+def test_start_up_errors_are_one_line_and_exit_code_2_in_a_real_process(tmp_path):
+    from conftest import ROOT
+    import subprocess
+    import sys
+    for argv, words in start_up_cases(tmp_path):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
+        assert out.returncode == 2 and "Traceback" not in out.stderr and re.search(words, last), (argv, out.stderr)
+        assert argv[0] == "bench.py" or out.stderr.count("\n") == 1, out.stderr      # argparse adds its usage line
+    assert not os.path.exists(tmp_path / "o")                 # nothing was made, not even the out_dir
 
 
 # --- Module calls ------------------------------------------------------------------------------------------------

@@ -152,3 +152,85 @@ def test_a_signal_in_process_ends_the_step_then_saves_and_resumes_exactly(tmp_pa
     _toy_fit(tmp_path / "full", lambda m, step, loss: loss)
     a, b = (loop.load(os.path.join(tmp_path, d, "last.pt")) for d in ("cut", "full"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_and_resume_exact(tmp_path):
+    """The 3rd last.pt write (step 6) goes to /dev/full, a real ENOSPC: the run stops with an error naming the file,
+    last.pt still holds step 4, no temp file is left, and --resume ends where an uninterrupted run does."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    tmp = tmp_path / "cut" / f"last.pt.tmp{os.getpid()}"
+
+    def disk_full_at_5(m, step, loss):
+        if step == 5:
+            os.symlink("/dev/full", tmp)
+        return loss
+    with pytest.raises(SystemExit, match=r"last.pt: writing failed .* MiB free there\); the previous file is intact"):
+        _toy_fit(tmp_path / "cut", disk_full_at_5)
+    assert loop.load(os.path.join(tmp_path, "cut", "last.pt"))["step"] == 4
+    assert not os.path.lexists(tmp) and not [f for f in os.listdir(tmp_path / "cut") if ".tmp" in f]
+    _toy_fit(tmp_path / "cut", lambda m, step, loss: loss, resume=True)
+    _toy_fit(tmp_path / "full", lambda m, step, loss: loss)
+    a, b = (loop.load(os.path.join(tmp_path, d, "last.pt")) for d in ("cut", "full"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_an_out_dir_in_use_by_a_live_run_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    out = str(tmp_path / "shared")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, torch, loop\n"
+                               "with loop.out_dir_lock(sys.argv[1], loop.Ctx(torch.device('cpu'))):\n"
+                               "    print('locked', flush=True); time.sleep(120)", out],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"--out_dir={out} is in use by a live run \(pid {holder.pid}\)"):
+            train.main(["adapter", f"--out_dir={out}", *MICRO])
+        assert os.listdir(out) == [".lock"]                   # refused before any work
+        cli = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}"], env=ENV,
+                             capture_output=True, text=True)
+        assert cli.returncode == 2 and cli.stderr.startswith("error: --out_dir=") and cli.stderr.count("\n") == 1
+    finally:
+        holder.kill()
+    assert holder.wait() == -signal.SIGKILL
+    with loop.out_dir_lock(out, loop.Ctx(torch.device("cpu"))):   # the kernel dropped the dead run's lock
+        assert Path(out, ".lock").read_text() == f"{os.getpid()}\n"
+
+
+# --- Every other stage that trains: SIGKILL after its first checkpoint, --resume, the same final weights
+MOA = ["--bench_clips=100", "--pre_clips=100", "--ast_d=16", "--ast_layers=2", "--ast_heads=2", "--ast_ff=32",
+       "--batch=8", "--pre_batch=8", "--benchmarks=esc50", "--methods=soft-pfeiffer", "--seeds=1",
+       "--evaluate=false", "--pre_epochs=40", "--epochs=1"]
+STAGES = {   # name: (script and arguments, the checkpoint to wait for, the stage's final files)
+    "encoder": (["train.py", "encoder", *MICRO, "--enc_steps=400"], "encoder/last.pt", ["encoder/encoder.pt"]),
+    "llm": (["train.py", "llm", *MICRO, "--llm_steps=400"], "llm/last.pt", ["llm/llm.pt"]),
+    "ast": (["train_moa.py", *MOA], "ast/last.pt", ["ast/ast.pt", "esc50/soft-pfeiffer-s0/best.pt"]),
+}
+
+
+def _tensors(ck):
+    return {k: v for k, v in ck.items() if torch.is_tensor(v)} | {
+        f"{k}.{j}": w for k, v in ck.items() if isinstance(v, dict) for j, w in _tensors(v).items()}
+
+
+@pytest.mark.parametrize("stage", ["encoder", pytest.param("llm", marks=pytest.mark.slow),
+                                   pytest.param("ast", marks=pytest.mark.slow)])
+def test_every_training_stage_resumes_a_sigkill_to_the_uninterrupted_weights(tmp_path, stage):
+    argv, wait_for, finals = STAGES[stage]
+    run = lambda out, *extra: subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:],
+                                              f"--out_dir={out}", *extra], env=ENV, check=True, capture_output=True)
+    run(tmp_path / "whole")
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:], f"--out_dir={cut}"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(cut / wait_for):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    time.sleep(random.uniform(0, 0.1))
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL and not os.path.exists(cut / finals[0])
+    step = loop.load(cut / wait_for)["step"]
+    assert f"{stage}: resuming at step {step} from" in run(cut, "--resume").stdout.decode()   # not from scratch
+    for f in finals:
+        a, b = _tensors(loop.load(tmp_path / "whole" / f)), _tensors(loop.load(cut / f))
+        assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), f
