@@ -234,3 +234,31 @@ def test_every_training_stage_resumes_a_sigkill_to_the_uninterrupted_weights(tmp
     for f in finals:
         a, b = _tensors(loop.load(tmp_path / "whole" / f)), _tensors(loop.load(cut / f))
         assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """Only rank 1 is signalled: the all-reduced stop flag ends both ranks after one step, rank 0 writes last.pt."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "adapter", f"--out_dir={out}", *LONG]
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+    deadline = time.time() + 240
+    while not os.path.exists(out / "moe-s0" / "last.pt"):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()
+        time.sleep(0.01)
+    def ppid_and_env(p):
+        try:
+            return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]), Path(f"/proc/{p}/environ").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return None, b""
+    rank1 = [int(p) for p in os.listdir("/proc") if p.isdigit() and (pe := ppid_and_env(p))[0] == proc.pid
+             and b"\0RANK=1\0" in b"\0" + pe[1]]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    text = (tmp_path / "log.txt").read_text()
+    done = loop.load(out / "moe-s0" / "last.pt")["step"]
+    assert f"moe s0: stopped by signal {int(signal.SIGTERM)} after step {done}," in text, text[-3000:]
+    assert done < 300
