@@ -104,9 +104,7 @@ def collate(items: Sequence[dict]) -> dict:
     bool (True = real sample)}, other keys: ints -> (B,) int64, anything else a list."""
     lengths = torch.tensor([len(it["audio"]) for it in items], dtype=torch.long)   # (B,)
     N = int(lengths.max())
-    audio = torch.zeros(len(items), N)                                              # (B, N)
-    for b, it in enumerate(items):
-        audio[b, :len(it["audio"])] = it["audio"]
+    audio = torch.nn.utils.rnn.pad_sequence([it["audio"] for it in items], batch_first=True)       # (B, N)
     out = dict(audio=audio, lengths=lengths, mask=torch.arange(N)[None, :] < lengths[:, None])
     for key in [k for k in items[0] if k != "audio"]:
         vals = [it[key] for it in items]
@@ -338,22 +336,59 @@ LAYOUT_MARKERS = {"esc50": ("meta", "esc50.csv"), "us8k": ("metadata", "UrbanSou
                   "speechcommands": ("validation_list.txt",), "fsc": ("data", "train_data.csv")}
 
 
-def load_corpus(root: str, label: str) -> Tuple[str, AudioFiles]:
-    """(layout, every clip) at root: a BENCHMARKS layout detected from its files, else "folder" (one folder per
-    class, labelled {label: folder}, split 80/10/10 by a hash of the file name). Errors name the CLI options."""
+LABEL_OF = {**{k: t.label for k, t in TASKS.items()}, **{t.label: t.label for t in TASKS.values()}}   # built-ins
+PARALINGUISTIC = ("speaker", "gender", "age", "emotion", "pitch", "rate", "accent")   # new tasks; others: semantic
+AUDIOFOLDER_SPLITS = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}   # HF names: ours
+
+
+def _hash_split(name: str) -> str:
+    return {0: "test", 1: "valid"}.get(zlib.crc32(name.encode()) % 10, "train")    # 80/10/10, same on any machine
+
+
+def load_audiofolder(root: str, groups: str = "") -> AudioFiles:
+    """Hugging Face audiofolder: metadata.csv (file_name relative to it, label columns) at root or per split folder,
+    else a `split` column, else _hash_split. LABEL_OF's columns are those tasks; others of 2 .. min(50, clips / 2)
+    values join TASKS as "What is the <column>?" (group: PARALINGUISTIC, or as `groups` says: "column:group,...")."""
+    folders = [(s, os.path.join(root, d)) for d, s in AUDIOFOLDER_SPLITS.items()
+               if os.path.isfile(os.path.join(root, d, "metadata.csv"))] or [("", root)]
+    records = []
+    for split, folder in folders:
+        meta = os.path.join(folder, "metadata.csv")
+        for r in _read_csv(meta, ("file_name",), "audiofolder layout"):
+            name, given = r.pop("file_name"), r.pop("split", "") or ""
+            _check(os.path.isfile(path := os.path.join(folder, name)), f"{meta}: file_name {name!r} not found")
+            labels = {LABEL_OF.get(c, c): v.strip() for c, v in r.items() if c and v and v.strip()}
+            records.append(_record(path, labels, "unknown", labels.get("speaker"),
+                                   split or AUDIOFOLDER_SPLITS.get(given, given) or _hash_split(name)))
+    corpus = AudioFiles(records, os.path.basename(os.path.normpath(root)))
+    new = [c for c, v in corpus._classes.items()
+           if c not in LABEL_OF.values() and 2 <= len(v) <= min(50, len(records) // 2)]
+    _check(bool(new) or not set(corpus._classes).isdisjoint(LABEL_OF.values()), f"{meta}: no label column (a task "
+           f"label, or 2 .. 50 values, each used twice on average); columns: {', '.join(corpus._classes) or 'none'}")
+    group = {c: "paralinguistic" if c in PARALINGUISTIC else "semantic" for c in new}
+    group.update(asked := dict(item.partition(":")[::2] for item in groups.split(",") if item))
+    if bad := [f"{c}:{g}" for c, g in asked.items() if c not in new or g not in ("semantic", "paralinguistic")]:
+        raise UsageError(f"--groups={groups}: {bad[0]} is not COLUMN:semantic or COLUMN:paralinguistic, COLUMN one of "
+                         f"{root}'s new tasks ({', '.join(new) or 'none'})")
+    TASKS.update({c: Task(group[c], c, (f"What is the {c}?",)) for c in new})      # InstructionDataset, eval see them
+    return corpus
+
+
+def load_corpus(root: str, label: str, groups: str = "") -> Tuple[str, AudioFiles]:
+    """(layout, every clip) at root: a BENCHMARKS layout detected from its files, "audiofolder" (metadata.csv at root or
+    in train/), else "folder" (one folder per class, {label: folder}, _hash_split). Errors name the CLI options."""
     for name, (_, _, loader) in BENCHMARKS.items():
         if os.path.exists(os.path.join(root, *LAYOUT_MARKERS[name])):
             return name, loader(root)
+    if any(os.path.isfile(os.path.join(root, *d, "metadata.csv")) for d in ((), ("train",))):
+        return "audiofolder", load_audiofolder(root, groups)
     if not os.path.isdir(root):
         raise UsageError(f"--data_dir={root}: no such folder")
-    labels = sorted({t.label for t in TASKS.values()})
+    labels = sorted(set(LABEL_OF.values()))
     if label not in labels:
         raise UsageError(f"--data_label={label!r} names no task label; allowed: {', '.join(labels)}")
-    records = []
-    for c, fn in _class_files(root, "folder-per-class layout: <class>/*.wav"):
-        h = zlib.crc32(fn.encode()) % 10                  # split stable across runs and machines
-        records.append(_record(os.path.join(root, c, fn), {label: c}, "unknown", None,
-                               "test" if h == 0 else "valid" if h == 1 else "train"))
+    records = [_record(os.path.join(root, c, fn), {label: c}, "unknown", None, _hash_split(fn))
+               for c, fn in _class_files(root, "folder-per-class layout: <class>/*.wav")]
     return "folder", AudioFiles(records, os.path.basename(os.path.normpath(root)))
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soft_moa import KINDS, PLACEMENTS, Info, adapted_sublayer, make_block_adapters
+from soft_moa import KINDS, PLACEMENTS, Info, _check_choice, adapted_sublayer, make_block_adapters
 
 SAMPLE_RATE = 16000
 FLT_EPSILON = 1.1920928955078125e-07  # float32 machine epsilon: Kaldi's log floor
@@ -24,11 +24,6 @@ LOG_FLOOR = math.log(FLT_EPSILON)  # -15.942385..., the log-mel value of silence
 AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AST's AudioSet statistics of the log-mel fbank
 WINDOWS, HEAD_POOLS = ("hanning", "povey"), ("mean", "cls_dist")
 ATTN_IMPLS, POS_RESIZE = ("sdpa", "reference"), ("ast", "bilinear")
-
-
-def _check_choice(name: str, value: str, allowed: Tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
 
 
 def _check_waveform(wave, sample_rate: int, min_samples: int, lengths) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +66,6 @@ def kaldi_fbank(wave, sample_rate: int = SAMPLE_RATE, *, n_mels: int = 128, wind
                 lengths=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Kaldi's fbank (dither 0, snip_edges, no energy), batched: wave (N,) or (b, N) in [-1, 1], lengths (b,) real
     samples -> (fbank (b, T, F), frames (b,)), T = 1 + (N - 400) // 160, 0 past a clip's frames (as AST pads).
-    Per 25 ms frame every 10 ms: remove DC, pre-emphasis 0.97, window, |rfft 512|^2, mel, log(max(e, eps)).
     Deviation (the issue says Povey): window "hanning" as AST and its HF extractor; "povey" (hann^0.85) is Kaldi's."""
     _check_choice("window", window, WINDOWS)
     L, S, n_fft, pre = 400, 160, 512, 0.97  # frame length and shift, FFT size (next power of two)
@@ -187,8 +181,7 @@ class AdapterConfig:
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)) [+ mixture], then x + mlp(norm2(x)) [+ mixture], wired by
-    soft_moa.adapted_sublayer (names as soft_moa.mark_trainable expects). MLP: exact (erf) GELU."""
+    """Pre-norm block via soft_moa.adapted_sublayer: x + attn(norm1(x)) [+ mixture], x + mlp(norm2(x)) [+ mixture]."""
 
     def __init__(self, cfg: "ASTConfig | WhisperEncoderConfig", qkv_bias: bool = True, k_bias: bool = True):
         super().__init__()
@@ -222,8 +215,7 @@ def _encode(blocks: nn.ModuleList, norm: nn.LayerNorm, h: torch.Tensor, mask: Op
 
 
 def _check_input(what: str, x: torch.Tensor, mask, n_mels: int, f_dim: int, t_min: int, t_max: int, why: str):
-    """Dtypes and shapes only (values would need a host sync): a float log-mel (b, T, F) for AST (f_dim 2),
-    (b, F, T) for Whisper (f_dim 1), and a bool (b, T) mask."""
+    """Shapes and dtypes only (no host sync): float log-mel (b, T, F) if f_dim 2 else (b, F, T), bool mask (b, T)."""
     layout = "(b, T, F)" if f_dim == 2 else "(b, F, T)"
     if not x.is_floating_point() or x.dim() != 3 or x.shape[f_dim] != n_mels:
         hint = " (transposed? use x.transpose(1, 2))" if x.dim() == 3 and x.shape[3 - f_dim] == n_mels else ""
@@ -341,8 +333,6 @@ def resize_pos_embed(pos: torch.Tensor, src_grid: Tuple[int, int], dst_grid: Tup
     s//2 - t//2 + t), a growing one interpolated; "bilinear": both axes interpolated (bilinear, align_corners=False)."""
     _check_choice("positional-embedding resize method", method, POS_RESIZE)
     (fs, ts), (fd, td), d = src_grid, dst_grid, pos.shape[-1]
-    if pos.shape[1] != 2 + fs * ts:
-        raise ValueError(f"pos has {pos.shape[1]} tokens, expected 2 + {fs} x {ts} = {2 + fs * ts}")
     img = pos[:, 2:].reshape(1, fs, ts, d).permute(0, 3, 1, 2)  # (1, d, Fs, Ts)
     if method == "bilinear":
         img = F.interpolate(img, size=(fd, td), mode="bilinear", align_corners=False)

@@ -5,12 +5,15 @@
     python eval.py runs/tiny/moe-s0           # one run: accuracy, expert use, gradient conflict
     python eval.py runs/tiny --force          # evaluate again even where eval.json exists
     python eval.py runs/tiny --runs=moe-s0,moe-s1     # only these runs of the folder, and their comparison
+    python eval.py runs/tiny/moe-s0 --audio=my.wav [--ask="Which word is spoken?"]   # a file or folder: answers
+    python eval.py runs/tiny/moe-s0 --export=moe      # moe.pt, moe.json (+ .safetensors): moe_adapter.load_adapter
 
 Per run (eval.json, on best.pt): exact-match and closed-set accuracy, expert use (Fig. 3), gradient conflict
 (Figs. 4-5). Per folder: floors.json (chance, linear probes, text ceiling), comparison.md.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -37,12 +40,22 @@ DOMAIN_PAIRS = ("music|speech", "environment|music", "environment|speech")   # t
 _json = loop.read_json
 
 
+def frozen_config(out_dir: str) -> train.TrainConfig:
+    """OUT/config.json (out_dir: where it lies now), once its frozen encoder and LLM exist (none is trained again)."""
+    try:
+        cfg = train.TrainConfig(**{**_json(os.path.join(out_dir, "config.json")), "out_dir": out_dir})
+    except (OSError, TypeError, ValueError) as e:                       # missing, foreign, older or broken
+        raise UsageError(f"{out_dir}: no config.json of this train.py ({type(e).__name__}: {e})") from None
+    for path in (cfg.encoder_checkpoint or os.path.join(out_dir, "encoder", "encoder.pt"),
+                 cfg.llm_checkpoint or os.path.join(out_dir, "llm", "llm.pt")):
+        if not os.path.exists(path):
+            raise UsageError(f"{path}: missing; {out_dir} has no pre-trained encoder and LLM (python train.py)")
+    return cfg
+
+
 def load_parts(out_dir: str, ctx: Optional[loop.Ctx] = None) -> dict:
     """train.prepare of an output folder: frozen encoder, LLM and features (nothing is retrained)."""
-    path = os.path.join(out_dir, "config.json")
-    if not os.path.exists(path):
-        raise UsageError(f"{out_dir}: no config.json; expected a folder written by train.py")
-    cfg = train.TrainConfig(**_json(path))
+    cfg = frozen_config(out_dir)
     return train.prepare(cfg, ctx or loop.make_ctx(cfg.device, cfg.dtype), resume=False)
 
 
@@ -62,9 +75,9 @@ def load_model(run_dir: str, parts: dict, which: str = "best.pt") -> train.Audio
 
 # --- Accuracy
 @torch.no_grad()
-def closed_set(model: train.AudioLLM, d: train.AdapterData, tok, ctx, batch: int = 64) -> List[int]:
-    """Index of the most likely choice per question: sum of log p(answer tokens, EOS | audio, prompt)."""
-    preds = []
+def choice_logp(model: train.AudioLLM, d: train.AdapterData, tok, ctx, batch: int = 64) -> List[torch.Tensor]:
+    """Per question, (choices,): each choice's sum of log p(answer tokens, EOS | audio, prompt)."""
+    scores = []
     for idx in torch.arange(len(d)).split(batch):
         feats, fmask, prompts, _ = d.batch(idx, ctx.device)
         choices = [d.items[i]["choices"] for i in idx.tolist()]
@@ -75,14 +88,19 @@ def closed_set(model: train.AudioLLM, d: train.AdapterData, tok, ctx, batch: int
         logp = logits[:, :-1].float().log_softmax(-1)                               # (R, N-1, V)
         target = labels[:, 1:]                                                      # IGNORE_INDEX: not answer
         tok_lp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target != lm.IGNORE_INDEX)
-        preds += [int(s.argmax()) for s in tok_lp.sum(1).cpu().split([len(ch) for ch in choices])]
-    return preds
+        scores += tok_lp.sum(1).cpu().split([len(ch) for ch in choices])
+    return scores
+
+
+def closed_set(model: train.AudioLLM, d: train.AdapterData, tok, ctx, batch: int = 64) -> List[int]:
+    """Index of the most likely choice per question."""
+    return [int(s.argmax()) for s in choice_logp(model, d, tok, ctx, batch)]
 
 
 @torch.no_grad()
-def greedy(model: train.AudioLLM, d: train.AdapterData, tok, ctx, batch: int = 128) -> List[str]:
-    """Greedy answers (KV-cached decoding), as text."""
-    max_new = max(len(a) for a in d.answers) + 2
+def greedy(model: train.AudioLLM, d: train.AdapterData, tok, ctx, batch: int = 128, max_new: int = 0) -> List[str]:
+    """Greedy answers (KV-cached decoding) of at most max_new tokens (0: the longest answer + 2), as text."""
+    max_new = max_new or max(len(a) for a in d.answers) + 2
     out = []
     for idx in torch.arange(len(d)).split(batch):
         feats, fmask, prompts, _ = d.batch(idx, ctx.device)
@@ -251,8 +269,6 @@ def evaluate_run(run_dir: str, parts: Optional[dict] = None, ctx=None, force: bo
     path = os.path.join(run_dir, "eval.json")
     if not force and os.path.exists(path):
         return _json(path)
-    if not os.path.exists(os.path.join(run_dir, "summary.json")):
-        raise UsageError(f"{run_dir}: no summary.json; the run has not finished (train.py --resume)")
     parts = parts or load_parts(os.path.dirname(os.path.abspath(run_dir)), ctx)
     ctx = ctx or loop.make_ctx("auto", "auto")
     summary = _json(os.path.join(run_dir, "summary.json"))
@@ -341,6 +357,8 @@ def compare(out_dir: str, run_dirs: Sequence[str], floor: Optional[dict] = None)
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write(text + "\n")
     loop.write_json(table, os.path.join(out_dir, "comparison.json"))
+    import plots                                    # OUT_DIR/figures/*.png, when matplotlib is installed
+    plots.train_figures(out_dir, run_dirs)
     return text
 
 
@@ -355,37 +373,130 @@ def moa_out_dir(path: str) -> Optional[str]:
     return None
 
 
-def parse_cli(argv: Optional[Sequence[str]], script: str):
-    """OUT_DIR | RUN_DIR [...] [--force] [--runs=NAME,...] -> (paths, force, run names or None)."""
+# --- Your own audio: ask a run about it; export a run's adapter
+def read_clips(path: str) -> List[data.Clip]:
+    """--audio: one file or every audio file of a folder, as 16 kHz mono clips (data.load_audio mixes, resamples)."""
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith((".wav", ".flac", ".ogg"))
+                   and not f.startswith(".")) if os.path.isdir(path) else [path] * os.path.exists(path)
+    if not files:
+        raise UsageError(f"--audio={path}: " + ("no .wav, .flac or .ogg file in the folder" if os.path.isdir(path)
+                                                else "no such file or folder"))
+    try:
+        return [data.Clip(data.load_audio(f), data.SAMPLE_RATE, {}, "", source=f) for f in files]
+    except (ValueError, ImportError, OSError) as e:                     # each message names the file
+        raise UsageError(f"--audio={path}: {e}") from None
+
+
+@torch.no_grad()
+def ask(run_dir: str, clips: List[data.Clip], question: Optional[str] = None, ctx=None) -> List[tuple]:
+    """Print and return (file, question, greedy answer, closed-set choice, its probability among the task's answers)
+    of best.pt per clip, for each trained task's first question or `question` (a free one: no choice). Light: no
+    features of the splits. The front-end is training's: centre crop, log-mel (fp16 as mel.pt), frozen encoder."""
+    ctx = ctx or loop.make_ctx("auto", "auto")
+    cfg = frozen_config(os.path.dirname(os.path.abspath(run_dir)))
+    split_items = train.instruction_items(cfg, train.sources(cfg))
+    choices = {it["task"]: it["choices"] for s in ("train", "valid", "test") for it in split_items[s]}  # as prepare
+    tok, llm_model = pretrain.stage_llm(cfg, choices, ctx, resume=False)      # resume=False: load what exists
+    encoder, model = pretrain.stage_encoder(cfg, None, ctx, resume=False), load_model(run_dir, dict(llm=llm_model))
+    tasks = {t: choices[t] for t in data.TASKS if t in {it["task"] for it in split_items["train"]}}   # trained on
+    b = train.clip_batch(clips, cfg.clip_seconds, range(len(clips)))                 # centre crop, zero-padding
+    mel, frames = train.log_mel(b, cfg.n_mels, cfg.mel_frames)
+    mels = train.Mels([""] * len(clips), cfg.mel_frames, mel.half() if cfg.cache_features else mel, frames)
+    asked = [(t, data.TASKS[t].questions[0]) for t in tasks] if question is None else \
+        [(next((t for t in tasks if question in data.TASKS[t].questions), None), question)]   # a template: its task
+    items = [dict(index=j, task=t, question=q, answer="", choices=tasks.get(t))
+             for j in range(len(clips)) for t, q in asked]
+    d = train.AdapterData(items, train.live_features(encoder, mels, ctx), tok, mels.domain)
+    longest = sum(max(len(tok.encode(c)) for c in ch) for ch in tasks.values()) + 2      # room for a caption
+    scores = [s.softmax(0) for s in choice_logp(model, d, tok, ctx)] if asked[0][0] else [None] * len(items)
+    rows = [(os.path.basename(clips[it["index"]].source), it["question"], a,
+             None if p is None else it["choices"][int(p.argmax())], None if p is None else float(p.max()))
+            for it, a, p in zip(items, greedy(model, d, tok, ctx, max_new=longest), scores)]
+    for c in clips:
+        if len(c.audio) > round(cfg.clip_seconds * data.SAMPLE_RATE):
+            print(f"{c.source}: cropped {len(c.audio) / data.SAMPLE_RATE:.1f} s -> {cfg.clip_seconds:.1f} s (centre)")
+    print("| file | question | answer | closed-set choice (p) |\n|---|---|---|---|")
+    for f, q, a, c, p in rows:
+        print(f"| {f} | {q} | {a or '(empty)'} | " + ("– (free question)" if c is None else f"{c} ({p:.2f})") + " |")
+    return rows
+
+
+def export(run_dir: str, path: str) -> None:
+    """best.pt as ROOT.pt (ROOT: path less .pt), a flat state dict: "adapter.*" and the LLM's "lora.*" (lora) or
+    whole "llm.*" (full: as large as the LLM); ROOT.safetensors if installed; ROOT.json for moe_adapter.load_adapter."""
+    summary, root = _json(os.path.join(run_dir, "summary.json")), path[:-3] if path.endswith(".pt") else path
+    state = loop.load(os.path.join(run_dir, "best.pt"))
+    flat = {f"{k}.{n}": v.clone(memory_format=torch.contiguous_format)     # own storage: no tied tensors
+            for k in ("adapter", "lora", "llm") for n, v in state.get(k, {}).items()}
+    torch.save(flat, root + ".pt")
+    loop.write_json(dict(kind=summary["kind"], config=summary["adapter_config"],
+                         **{k: summary["config"][k] for k in ("tune_llm", "lora_rank")}), root + ".json")
+    written = [root + ".pt", root + ".json"]
+    with contextlib.suppress(ImportError):
+        from safetensors.torch import save_file
+        save_file(flat, root + ".safetensors")
+        written.append(root + ".safetensors")
+    print(f"export {run_dir}: {', '.join(written)} ({', '.join(sorted({k.split('.')[0] for k in flat}))} weights)")
+
+
+def parse_cli(argv: Optional[Sequence[str]], script: str, options: str = ""):
+    """OUT_DIR | RUN_DIR [...] [--force] [--runs=NAME,...] -> (paths, force, run names or None); options: usage."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("--runs=")]
     paths = [a for a in argv if a != "--force" and not a.startswith("--runs=")]
     bad = [a for a in paths if a.startswith("-")]
     if bad or not paths:
-        raise UsageError(f"usage: python {script} OUT_DIR | RUN_DIR [...] [--force] [--runs=NAME,...]"
+        raise UsageError(f"usage: python {script} OUT_DIR | RUN_DIR [...] [--force] [--runs=NAME,...]{options}"
                          + (f"; unknown option {bad[0]}" if bad else ""))
     return paths, "--force" in argv, (names[-1] if names else None)
 
 
+def check_runs(p: str, names: Optional[List[str]]) -> List[str]:
+    """The finished runs a path names (itself, or those inside it; --runs: these), with their out_dir's frozen parts."""
+    if not os.path.isdir(p):
+        raise UsageError(f"{p}: no such folder")
+    if moa_out_dir(p) is not None:
+        raise UsageError(f"{p} is a Soft-MoA folder of train_moa.py: score it with python eval_moa.py {p}")
+    one = os.path.exists(os.path.join(p, "summary.json"))
+    runs = [p] if one else [os.path.join(p, r) for r in names] if names else \
+        sorted(os.path.join(p, r) for r in os.listdir(p) if os.path.exists(os.path.join(p, r, "summary.json")))
+    if not runs:
+        raise UsageError(f"{p}: no finished run (a folder with summary.json) inside")
+    if bad := [r for r in runs if not all(os.path.exists(os.path.join(r, f)) for f in ("summary.json", "best.pt"))]:
+        raise UsageError(f"{bad[0]}: no summary.json or best.pt; the run has not finished (train.py --resume)")
+    frozen_config(os.path.dirname(os.path.abspath(p)) if one else p)
+    return runs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    paths, force, names = parse_cli(argv, "eval.py")
-    for p in paths:
-        if not os.path.isdir(p):
-            raise UsageError(f"{p}: no such folder")
-        if moa_out_dir(p) is not None:
-            raise UsageError(f"{p} is a Soft-MoA folder of train_moa.py: score it with python eval_moa.py {p}")
-        if os.path.exists(os.path.join(p, "summary.json")):                          # one run
-            evaluate_run(p, force=True)
-            continue
-        runs = [os.path.join(p, r) for r in names] if names else \
-            sorted(os.path.join(p, r) for r in os.listdir(p) if os.path.exists(os.path.join(p, r, "summary.json")))
-        if not runs:
-            raise UsageError(f"{p}: no finished run (a folder with summary.json) inside")
-        parts = load_parts(p)
+    """Every path and option is checked before any work: a bad second path fails before the first is scored."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opt = {k: a.split("=", 1)[1] for a in argv for k in ("--audio", "--ask", "--export") if a.startswith(k + "=")}
+    audio, question, export_to = (opt.get(k) for k in ("--audio", "--ask", "--export"))
+    paths, force, names = parse_cli([a for a in argv if a.split("=", 1)[0] not in opt], "eval.py",
+                                    " | RUN_DIR [--audio=PATH [--ask=QUESTION]] [--export=PATH]")
+    runs = {p: check_runs(p, names) for p in paths}
+    if opt:                                              # your own audio, an export: one run
+        if len(paths) != 1 or runs[paths[0]] != paths:
+            raise UsageError(f"--audio and --export take one run folder (with summary.json), got {' '.join(paths)}")
+        folder = os.path.dirname(os.path.abspath(export_to or "."))
+        if export_to is not None and (os.path.isdir(export_to) or not os.access(folder, os.W_OK)):
+            raise UsageError(f"--export={export_to}: expected a file name in an existing writable folder (out/moe)")
+        if question is not None and audio is None:
+            raise UsageError(f"--ask={question!r}: asks about --audio=PATH, which is missing")
+        clips = read_clips(audio) if audio is not None else []
+        if export_to is not None:
+            export(paths[0], export_to)
+        if clips:
+            ask(paths[0], clips, question)
+        return
+    for p, rs in runs.items():                           # a run (always scored again), or a folder and its runs
+        parts = load_parts(os.path.dirname(os.path.abspath(p)) if rs == [p] else p)
         ctx = loop.make_ctx("cpu" if parts["llm"].embed_tokens.weight.device.type == "cpu" else "cuda", "auto")
-        for r in runs:
-            evaluate_run(r, parts=parts, ctx=ctx, force=force)
-        compare(p, runs, floors(p, parts, ctx))
+        for r in rs:
+            evaluate_run(r, parts=parts, ctx=ctx, force=force or rs == [p])
+        if rs != [p]:
+            compare(p, rs, floors(p, parts, ctx))
 
 
 if __name__ == "__main__":

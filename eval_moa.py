@@ -3,7 +3,8 @@
     python eval_moa.py runs/moa [--force] [--runs=esc50/linear-s0,...]   # a folder, or a run inside it
 
 Per run, eval.json: test accuracy of best.pt (and per class), and per mixture each adapter's usage per class
-(Fig. 3) and contribution (Fig. 2 right: the mean norm of its part of the mixture output over test tokens)."""
+(Fig. 3) and contribution (Fig. 2 right: the mean norm of its part of the mixture output over test tokens);
+both drawn in OUT_DIR/figures (plots.py) when matplotlib is installed."""
 import os
 import statistics
 from typing import Optional, Sequence
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import plots
 import soft_moa as sm
 import train_moa
 from eval import _json, mean_std, moa_out_dir, parse_cli
@@ -114,6 +116,8 @@ def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -
     with open(os.path.join(out_dir, "ablation.md" if ablation else "moa.md"), "w") as f:
         f.write(intro + "\n\n" + text + "\n")
     write_json(table, os.path.join(out_dir, "ablation.json" if ablation else "moa.json"))
+    if not ablation:                                  # OUT_DIR/figures/moa_*.png, when matplotlib is installed
+        plots.moa_figures(out_dir, run_dirs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,7 +1,5 @@
 """Hugging Face checkpoints (local paths; nothing is downloaded) into this project's models: one safe reader (a folder,
 .safetensors, .bin/.pt, a sharded index), a name map per family, one strict check; the model files never import it."""
-from __future__ import annotations
-
 import json
 import os
 import re
@@ -15,8 +13,7 @@ import torch
 from encoder import AST, POS_RESIZE, WHISPER_SIZES, ASTConfig, WhisperEncoder, WhisperEncoderConfig, resize_pos_embed
 from llm import LLM, LLMConfig
 
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
-                "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
 def read_weight_file(path: str) -> Dict[str, torch.Tensor]:
@@ -94,8 +91,7 @@ def _load_checked(model, mapped: Mapping, where: str, origin=None, unexpected=()
     model.load_state_dict(mapped, strict=False, assign=assign)  # assign: take the tensors (a meta-device model)
 
 
-# ----------------------------------------------------------------------------------------------
-# Audio encoders (AST, Whisper): name maps and loaders
+# --- Audio encoders (AST, Whisper): name maps and loaders -----------------------------------------
 
 # Published head counts (64-dim heads): DeiT tiny / small / base, ViT-large (AST); Whisper tiny .. large-v3.
 HEADS_BY_WIDTH = {192: 3, **{d: h for d, _, h, _ in WHISPER_SIZES.values()}}
@@ -239,8 +235,7 @@ def load_whisper_encoder(src, **overrides) -> Tuple[WhisperEncoder, LoadReport]:
                       fmt + (f", prefix {prefix!r}" if prefix else ""), skipped, notes)
 
 
-# ----------------------------------------------------------------------------------------------
-# Decoder LLMs (Llama / Qwen2 / Qwen3 / SmolLM2): name map and loader
+# --- Decoder LLMs (Llama / Qwen2 / Qwen3 / SmolLM2): name map and loader ---------------------------
 
 def config_from_hf(hf: Mapping, **overrides) -> LLMConfig:
     """LLMConfig from a llama / qwen2 / qwen3 config.json dict; `overrides` win. Variants llm.py lacks are refused by

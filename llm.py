@@ -269,8 +269,7 @@ class LLM(nn.Module):
         return mask.to(device)
 
     def embed(self, input_ids, audio_embeds=None, audio_mask=None) -> torch.Tensor:
-        """(B, T, D) token embeddings, row b's placeholders replaced in order by its real audio tokens
-        y[b][audio_mask[b]] (as many: build_batch). Shapes are checked, values not (no host sync)."""
+        """(B, T, D) embeddings, row b's placeholders taking y[b][audio_mask[b]] in order; shapes checked, no sync."""
         cfg, ids, a = self.cfg, input_ids, audio_embeds
         _check(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > 0 and ids.dtype in (
             torch.int64, torch.int32), f"input_ids must be an integer tensor (B, T >= 1), got {_shape(ids)}")
@@ -378,7 +377,7 @@ class LoRALinear(nn.Module):
     """Eq. 6 around an nn.Linear, keeping its `weight`, `bias` names (base checkpoints load); B = 0 at
     init. Deviation: A is Kaiming-uniform (loralib, PEFT) where the paper says "random Gaussian"."""
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0):
         super().__init__()
         _check(rank >= 1, f"LoRA rank must be >= 1, got {rank}")
         w = self.weight = base.weight                                      # (d_out, d_in)
@@ -386,24 +385,21 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, w.shape[1], device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)   # (..., d_out)
+        delta = F.linear(F.linear(x, self.lora_A), self.lora_B)                      # (..., d_out)
         return F.linear(x, self.weight, self.bias) + self.scaling * delta
 
 
-def add_lora(model: LLM, rank: int = 8, alpha: float = 16.0,
-             targets: Sequence[str] = ("q_proj", "v_proj"), dropout: float = 0.0) -> list[str]:
+def add_lora(model: LLM, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = ("q_proj", "v_proj")) -> list:
     """Wrap `targets` (of LORA_TARGETS; q, v as in the paper) of every layer in LoRALinear; -> names."""
     unknown = sorted(set(targets) - set(LORA_TARGETS))
-    _check(targets and not unknown, f"unknown LoRA targets {unknown or list(targets)}; allowed: "
-                                    f"{LORA_TARGETS}")
+    _check(targets and not unknown, f"unknown LoRA targets {unknown or list(targets)}; allowed: {LORA_TARGETS}")
     names = []
     for i, attn in enumerate(block.self_attn for block in model.layers):
         for t in targets:
             _check(not isinstance(getattr(attn, t), LoRALinear), f"layers.{i}.self_attn.{t} already has LoRA")
-            setattr(attn, t, LoRALinear(getattr(attn, t), rank, alpha, dropout))
+            setattr(attn, t, LoRALinear(getattr(attn, t), rank, alpha))
             names.append(f"layers.{i}.self_attn.{t}")
     return names
 

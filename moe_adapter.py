@@ -16,6 +16,7 @@ Equations, as numbered in this file (the paper's own numbering is not available 
     (4) L_bal = E * sum_e f_e P_e                    Switch balance loss (Fedus et al. 2021), see load_balancing_loss
     (5) L_z = mean_n (logsumexp_e logits_ne)^2       ST-MoE router z-loss (Zoph et al. 2022)
 """
+import json
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -253,3 +254,15 @@ def build_adapter(kind: str, cfg: MoEAdapterConfig) -> nn.Module:
     if kind in ("dense-params", "dense-flops"):
         return DenseAdapter(cfg.d_in, dense_hidden_for(cfg, match=kind.split("-")[1]), cfg.d_out, stack=cfg.stack)
     raise ValueError(f"unknown adapter kind {kind!r}; allowed: {', '.join(ADAPTER_KINDS)}")
+
+
+def load_adapter(path: str) -> nn.Module:
+    """An adapter written by `python eval.py RUN_DIR --export PATH`: build_adapter of PATH.json's kind and config, with
+    the "adapter.*" weights of PATH.pt (a plain state dict; its "lora.*" / "llm.*" are the LLM's), in eval mode."""
+    root = path[:-3] if path.endswith(".pt") else path
+    with open(root + ".json") as f:
+        meta = json.load(f)
+    adapter = build_adapter(meta["kind"], MoEAdapterConfig(**meta["config"]))
+    state = torch.load(root + ".pt", map_location="cpu", weights_only=True)
+    adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+    return adapter.eval()

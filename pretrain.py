@@ -2,8 +2,6 @@
 1. the Whisper-style encoder by masked log-mel reconstruction, 2. the decoder LLM on templated text.
 cfg: a train.TrainConfig. Shapes: B batch, F mel bins, T mel frames, T' encoder frames, G global batch.
 """
-from __future__ import annotations
-
 import os
 from dataclasses import asdict
 from typing import Dict, List, Optional

@@ -1,10 +1,7 @@
-"""Soft Mixture of Adapters (Soft-MoA) beside the sub-layers of a frozen transformer: Cappellazzo,
-Falavigna, Brutti, Interspeech 2024, arXiv 2402.00828; routing of Soft MoE (Puigcerver et al.,
-ICLR 2024, arXiv 2308.00951). Imports torch and the standard library only: copy it alone.
-
-Mixtures, called as `y, info = mixture(x, mask)`: SingleAdapter, DenseMoA (every adapter on every token,
-a per-token router), SoftMoA (slots mixed from the tokens, each adapter on its own slots, tokens mixed from
-the slots). `mixture.stats = True` adds the expert statistics of Figs. 2-3 to info (off while training).
+"""Soft Mixture of Adapters (Soft-MoA) beside the sub-layers of a frozen transformer: Cappellazzo, Falavigna,
+Brutti, Interspeech 2024, arXiv 2402.00828; routing of Soft MoE (Puigcerver et al., ICLR 2024, arXiv 2308.00951).
+Imports torch and the standard library only: copy it alone. Mixtures (SingleAdapter, DenseMoA, SoftMoA) are called
+as `y, info = mixture(x, mask)`; `mixture.stats = True` adds the expert statistics of Figs. 2-3 to info.
 Shapes: b batch, m tokens, d width, n experts, p slots per expert, s = n*p, r bottleneck. mask (b, m) bool,
 True = real token: padded tokens reach no slot and get zero output rows (an all-padding row: all zeros).
 """

@@ -4,7 +4,6 @@ vocal tract, emotion, rate), drawn independently; presets mimic Soft-MoA's bench
 Clip i is a pure function of (seed, corpus name, i). Notation: SR sample rate, n samples, F0
 fundamental, F1..F5 formants, bw bandwidths, alpha vocal-tract scale, u utterance time in [0, 1].
 """
-import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -174,8 +173,7 @@ class CorpusConfig:
             _check(lo <= value <= hi, f"CorpusConfig.{name} must be in [{lo}, {hi}], got {value}")
         _check(self.n_speakers % 9 == 0 and self.n_speakers >= 27, f"n_speakers must be a multiple of 9 (3 pitch x "
                f"3 tract groups) and >= 27 (train, valid and test speakers per group), got {self.n_speakers}")
-        _check(self.n_folds == 0 or self.n_folds >= 2, f"n_folds must be 0 (train/valid/test) or >= 2, "
-               f"got {self.n_folds}")
+        _check(self.n_folds == 0 or self.n_folds >= 2, f"n_folds must be 0 (train/valid/test) or >= 2: {self.n_folds}")
         need = self.longest_utterance()                 # 0 without speech: every clip is >= 0.1 s
         _check(not (self.n_folds and need > 0), f"kind={self.kind!r} has speakers, which are held out by "
                f"split: use n_folds=0 (folds are for the event/music benchmarks)")
@@ -246,8 +244,7 @@ def _octave_gain(f: np.ndarray, db_per_octave: float) -> np.ndarray:
 
 
 def coloured_noise(rng: np.random.Generator, n: int, slope_db_per_octave: float, lo_hz: float, hi_hz: float):
-    """Unit-RMS Gaussian noise, power ~ f^(slope / 3.01 dB) (0 white, -3 pink, -6 brown), band-limited
-    to [lo_hz, hi_hz] by half-octave raised-cosine edges."""
+    """Unit-RMS Gaussian noise, power ~ f^(slope / 3.01 dB) (-3: pink), in [lo_hz, hi_hz] with half-octave edges."""
     edge = lambda octaves: 0.5 - 0.5 * np.cos(np.pi * np.clip(octaves / 0.5, 0.0, 1.0))   # 0 -> 1 over 0.5 oct
 
     def response(N):
@@ -393,9 +390,8 @@ def crossfade(bounds: np.ndarray, ramp: float) -> List[Tuple[int, int, np.ndarra
 
 def _resonate(x: np.ndarray, freqs, bws) -> np.ndarray:
     """x through a resonator cascade scaled to unit peak gain, with 1024 samples of tail."""
-    H = functools.partial(resonator_response, freqs, bws)
-    peak = np.abs(H(2048)).max()
-    return _filter(x, lambda N: H(N) / peak)
+    peak = np.abs(resonator_response(freqs, bws, 2048)).max()
+    return _filter(x, lambda N: resonator_response(freqs, bws, N) / peak)
 
 
 def render_speech(words: Sequence[str], spk: Speaker, emotion: str, rate: str, rng: np.random.Generator) -> np.ndarray:
@@ -516,8 +512,8 @@ def render_event(family: str, key: float, n: int, rng: np.random.Generator) -> n
             s0 = min(n - L, int((k * 0.33 + rng.uniform(0, 0.1)) * SR))
             f0 = key * np.linspace(1.0, 0.7, L) * rng.uniform(0.97, 1.03)
             src = glottal_source(f0, rng, 0.02, 0.1, 0.12) + 0.3 * rng.standard_normal(L)
-            H = functools.partial(resonator_response, [1.6 * key + 400, 2.5 * key + 1200, 3500.0], [200.0, 250, 300])
-            seg = _filter(src * np.hanning(L), H, pad=256)
+            formants = [1.6 * key + 400, 2.5 * key + 1200, 3500.0]
+            seg = _filter(src * np.hanning(L), lambda N: resonator_response(formants, [200.0, 250, 300], N), pad=256)
             y[s0:s0 + len(seg)] += seg[:n - s0]
     elif family == "impact":                 # 1-2 knocks: a click exciting decaying modes
         y = np.zeros(n)
@@ -558,8 +554,7 @@ class SyntheticCorpus:
         self.all_splits = [f"fold{f}" for f in range(1, cfg.n_folds + 1)] if cfg.n_folds else list(SPLITS)
         self.splits = tuple(self.all_splits) if split is None else (split,) if isinstance(split, str) else tuple(split)
         for s in self.splits:
-            _check(s in self.all_splits, f"unknown split {s!r} for corpus {cfg.name!r}; allowed: "
-                   f"{', '.join(self.all_splits)}")
+            _check(s in self.all_splits, f"unknown split {s!r} of {cfg.name!r}; allowed: {', '.join(self.all_splits)}")
         self.indices = [i for i in range(cfg.n_clips) if self.split_of(i) in self.splits]
         self.speakers = [make_speaker(cfg.seed, s, cfg.n_speakers) for s in range(cfg.n_speakers)]
         self._by_split = {sp: [s for s in self.speakers if s.split == sp] for sp in SPLITS}
@@ -632,8 +627,7 @@ class SyntheticCorpus:
         if domain == "mixture":
             labels["background"] = parts[1][0]
         if domain == "scene":
-            labels["tags"] = ",".join(sorted({t for p in parts for t in audioset_tags(p[1])},
-                                             key=AUDIOSET_TAGS.index))
+            labels["tags"] = ",".join(sorted({t for p in parts for t in audioset_tags(p[1])}, key=AUDIOSET_TAGS.index))
         texture = None                                     # a texture under an event-only clip
         if domain == "environment" and rng.random() < _BACKGROUND[0]:
             others = [f for f in EVENT_FAMILIES if f != parts[0][2]["family"]]

@@ -58,6 +58,7 @@ class TrainConfig:
     # data: the synthetic corpus, or a real one (any layout data.py reads)
     data_dir: str = ""
     data_label: str = "event"       # data_dir with one folder per class: what the folders name
+    groups: str = ""                # data_dir in the audiofolder layout: COLUMN:semantic|paralinguistic,... (data.py)
     n_clips: int = 4000
     domains: str = "all"            # synthetic corpus: "all" four domains, or "speech" alone (a control)
     clip_seconds: float = 1.0       # also the crop of longer real clips
@@ -177,7 +178,7 @@ REAL_FOLDS = {"esc50": (["fold1", "fold2", "fold3"], ["fold4"], ["fold5"]),     
 def sources(cfg: TrainConfig) -> Dict[str, object]:
     """train/valid/test: the synthetic corpus, or a real one in any layout data.py reads."""
     if cfg.data_dir:
-        layout, full = data.load_corpus(cfg.data_dir, cfg.data_label)
+        layout, full = data.load_corpus(cfg.data_dir, cfg.data_label, cfg.groups)
         folds = REAL_FOLDS.get(layout, (["train"], ["valid"], ["test"]))
         return dict(zip(("train", "valid", "test"), (full.select(f) for f in folds)))
     weights = dict(domain_weights=(1.0, 0.0, 0.0, 0.0)) if cfg.domains == "speech" else {}

@@ -134,6 +134,10 @@ def fbank_cache(cfg: MoAConfig, ctx: Ctx, name: str) -> dict:
         if name == "data":
             layout, src = data.load_corpus(cfg.data_dir, cfg.data_label)
             label = data.BENCHMARKS[layout][1] if layout in data.BENCHMARKS else cfg.data_label
+            try:                    # audiofolder: --data_label names the column classified; clips without one left out
+                src = data.AudioFiles([r for r in src.records if label in r.labels], src.name, {label: src.classes(label)})
+            except ValueError as e:
+                raise UsageError(f"--data_label={label}: {e}") from None
             seconds = cfg.max_seconds or REAL_SECONDS.get(layout, 5.0)
         else:
             preset, label, _ = data.BENCHMARKS[name]
