@@ -263,37 +263,18 @@ def config_from_hf(hf: Mapping, **overrides) -> LLMConfig:
     return LLMConfig(**{**cfg, **overrides})
 
 
-def config_from_state_dict(sd: Mapping[str, torch.Tensor], **overrides) -> LLMConfig:
-    """LLMConfig from the shapes of a state dict in llm.py's names; special ids None. Shapes do not give rope_theta,
-    norm_eps, nor the head count without Qwen3's q_norm: pass them in `overrides`."""
-    a, mlp = "layers.0.self_attn.", "layers.0.mlp.gate_proj.weight"
-    if need := [k for k in ("embed_tokens.weight", a + "q_proj.weight", a + "k_proj.weight", mlp) if k not in sd]:
-        raise ValueError(f"cannot infer a config: the state dict has no {need[0]!r}")
-    q_rows, k_rows = sd[a + "q_proj.weight"].shape[0], sd[a + "k_proj.weight"].shape[0]
-    qk_norm, hd, n_heads = a + "q_norm.weight" in sd, overrides.get("head_dim"), overrides.get("n_heads")
-    unknown = [n for n in ("rope_theta", "norm_eps") if n not in overrides]
-    if unknown := unknown + ["n_heads"] * (not (qk_norm or hd or n_heads)):
-        raise ValueError(f"shapes cannot give {', '.join(unknown)} (q_proj's {q_rows} rows are n_heads x head_dim; "
-                         f"only Qwen3's q_norm gives head_dim): pass them, or put config.json beside the weights")
-    (V, D), hd = sd["embed_tokens.weight"].shape, len(sd[a + "q_norm.weight"]) if qk_norm else hd or q_rows // n_heads
-    cfg = dict(vocab_size=V, d_model=D, n_heads=q_rows // hd, n_kv_heads=k_rows // hd, head_dim=hd, qk_norm=qk_norm,
-               n_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers.")), d_ff=sd[mlp].shape[0],
-               qkv_bias=a + "q_proj.bias" in sd, o_bias=a + "o_proj.bias" in sd, pad_id=None, bos_id=None,
-               eos_id=None, audio_token_id=None, tie_embeddings="lm_head.weight" not in sd)
-    return LLMConfig(**{**cfg, **overrides})
-
-
 def load_llm(path_or_state_dict, config=None, *, dtype: Optional[torch.dtype] = None, device=None, **overrides) -> LLM:
     """An llm.LLM with the weights of a HF LLaMA / Qwen2 / Qwen3 checkpoint (`model.` names) or ours. config: an
-    LLMConfig, a dict of its fields or of a config.json; None: the config.json beside the weights, else
-    config_from_state_dict; `overrides` replace fields; dtype: default the checkpoint's."""
+    LLMConfig, a dict of its fields or of a config.json; None: the config.json beside the weights; `overrides`
+    replace fields; dtype: default the checkpoint's."""
     sd, source, hf_config = read_checkpoint(path_or_state_dict)
     sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # an old buffer
     if isinstance(config, Mapping):
         config = config_from_hf(config) if "model_type" in config else LLMConfig(**config)
+    if config is None and hf_config is None:
+        raise ValueError(f"{source}: no config.json beside the weights; pass config (an LLMConfig or a dict)")
     if config is None:  # old config.json files lack tie_word_embeddings: the weights tell
-        config = (config_from_hf({"tie_word_embeddings": "lm_head.weight" not in sd, **hf_config}, **overrides)
-                  if hf_config is not None else config_from_state_dict(sd, **overrides))
+        config = config_from_hf({"tie_word_embeddings": "lm_head.weight" not in sd, **hf_config}, **overrides)
     elif not isinstance(config, LLMConfig):
         raise TypeError(f"config must be an LLMConfig, a dict or None, got {type(config).__name__}")
     elif overrides:
@@ -339,6 +320,3 @@ class HFTokenizer:
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
-
-    def config_ids(self) -> dict:  # special ids for LLMConfig (vocab_size is the checkpoint's config's)
-        return dict(pad_id=self.pad_id, bos_id=self.bos_id, eos_id=self.eos_id, audio_token_id=self.audio_id)

@@ -404,19 +404,6 @@ def add_lora(model: LLM, rank: int = 8, alpha: float = 16.0, targets: Sequence[s
     return names
 
 
-def merge_lora(model: nn.Module) -> int:
-    """Fold every LoRALinear into an nn.Linear of W + (alpha / r) B A (a float32 sum), same bias; -> count."""
-    found = [(m, n, c) for m in model.modules() for n, c in m.named_children() if isinstance(c, LoRALinear)]
-    for module, name, lora in found:
-        work = torch.promote_types(lora.weight.dtype, torch.float32)
-        w = lora.weight.to(work) + lora.scaling * (lora.lora_B.to(work) @ lora.lora_A.to(work))
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=lora.bias is not None, device="meta")
-        lin.weight = nn.Parameter(w.to(lora.weight.dtype), requires_grad=lora.weight.requires_grad)
-        lin.bias = lora.bias
-        setattr(module, name, lin)
-    return len(found)
-
-
 def freeze(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
