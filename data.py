@@ -1,7 +1,5 @@
-"""Task views over any audio source, WAV I/O, resampling and the real corpora's loaders.
-
-A source (synth.SyntheticCorpus, or AudioFiles read lazily): len, [j] -> Clip, labels(j), split(j), classes(key). B batch.
-"""
+"""Task views over any audio source, WAV I/O, resampling and the real corpora's loaders. A source (SyntheticCorpus,
+or AudioFiles read lazily): len, [j] -> Clip, labels(j), split(j), classes(key). B batch."""
 import contextlib
 import csv
 import difflib

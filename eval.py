@@ -1,5 +1,4 @@
-"""Evaluate train.py's adapter runs and compare them: the MoE-Adapter paper's results and analyses
-(Lei et al., arXiv 2601.02967) at the scale of the runs.
+"""Evaluate and compare train.py's adapter runs: the MoE-Adapter paper's analyses (Lei et al., arXiv 2601.02967).
 
     python eval.py runs/tiny                  # evaluate every run in the folder, print the comparison
     python eval.py runs/tiny/moe-s0           # one run: accuracy, expert use, gradient conflict
@@ -11,8 +10,6 @@
 Per run (eval.json, on best.pt): exact-match and closed-set accuracy, expert use (Fig. 3), gradient conflict
 (Figs. 4-5). Per folder: floors.json (chance, linear probes, text ceiling), comparison.md.
 """
-from __future__ import annotations
-
 import contextlib
 import copy
 import itertools
@@ -35,8 +32,6 @@ from moe_adapter import ADAPTER_KINDS, MoEAdapterConfig, build_adapter
 
 GROUPS = ("semantic", "paralinguistic")
 DOMAIN_PAIRS = ("music|speech", "environment|music", "environment|speech")   # the paper's three pairs
-
-
 _json = loop.read_json
 
 
@@ -132,8 +127,7 @@ def accuracy(items: List[dict], closed: List[int], answers: List[str], tok) -> d
         r["closed"] += int(c == it["answer_index"])
         r["exact"] += int(a == tok.decode(tok.encode(it["answer"])))
     for r in per.values():
-        r["closed"] /= r["n"]
-        r["exact"] /= r["n"]
+        r.update(closed=r["closed"] / r["n"], exact=r["exact"] / r["n"])
     avg = {m: macro({t: r[m] for t, r in per.items()}) for m in ("closed", "exact")}
     return dict(tasks=per, **{f"{g}_{m}": avg[m][g] for g in GROUPS + ("all",) for m in ("closed", "exact")})
 
@@ -264,13 +258,11 @@ def gradient_conflict(model: train.AudioLLM, parts: dict, ctx, n: int = 64) -> d
 
 
 # --- One run, and the comparison
-def evaluate_run(run_dir: str, parts: Optional[dict] = None, ctx=None, force: bool = True) -> dict:
-    """Score one run and write eval.json into its folder."""
+def evaluate_run(run_dir: str, parts: dict, ctx, force: bool = True) -> dict:
+    """Score one run (parts: its load_parts) and write eval.json into its folder."""
     path = os.path.join(run_dir, "eval.json")
     if not force and os.path.exists(path):
         return _json(path)
-    parts = parts or load_parts(os.path.dirname(os.path.abspath(run_dir)), ctx)
-    ctx = ctx or loop.make_ctx("auto", "auto")
     summary = _json(os.path.join(run_dir, "summary.json"))
     model = load_model(run_dir, parts)
     test, tok = parts["test"], parts["tok"]
@@ -315,11 +307,9 @@ def compare(out_dir: str, run_dirs: Sequence[str], floor: Optional[dict] = None)
     table = dict(floors=floor, kinds={}, paired={})
     for k, rs in by_kind.items():
         p = rs[0]["params"]
-        row = dict(seeds=[r["seed"] for r in rs], params=p, **{key: [r[key] for r in rs] for key in (
-            "semantic_closed", "paralinguistic_closed", "all_closed", "all_exact", "ms_per_step")})
-        row["task_cos"] = [r["gradient_conflict"]["task"]["mean"] for r in rs]
-        row["domain_cos"] = [r["gradient_conflict"]["domain"]["mean"] for r in rs]
-        table["kinds"][k] = row
+        table["kinds"][k] = row = dict(seeds=[r["seed"] for r in rs], params=p, **{key: [r[key] for r in rs] for key
+            in ("semantic_closed", "paralinguistic_closed", "all_closed", "all_exact", "ms_per_step")},
+            **{f"{g}_cos": [r["gradient_conflict"][g]["mean"] for r in rs] for g in ("task", "domain")})
         cells = [mean_std(row[c]) for c in ("semantic_closed", "paralinguistic_closed", "all_closed", "all_exact")]
         cells += [mean_std(row["domain_cos"], "{:+.3f}"), mean_std(row["task_cos"], "{:+.3f}"),
                   mean_std(row["ms_per_step"], "{:.1f}")]
@@ -389,9 +379,8 @@ def read_clips(path: str) -> List[data.Clip]:
 
 @torch.no_grad()
 def ask(run_dir: str, clips: List[data.Clip], question: Optional[str] = None, ctx=None) -> List[tuple]:
-    """Print and return (file, question, greedy answer, closed-set choice, its probability among the task's answers)
-    of best.pt per clip, for each trained task's first question or `question` (a free one: no choice). Light: no
-    features of the splits. The front-end is training's: centre crop, log-mel (fp16 as mel.pt), frozen encoder."""
+    """Print and return (file, question, greedy answer, closed-set choice, its probability) of best.pt per clip, for
+    each trained task's first question or `question` (free: no choice); training's centre crop, log-mel, encoder."""
     ctx = ctx or loop.make_ctx("auto", "auto")
     cfg = frozen_config(os.path.dirname(os.path.abspath(run_dir)))
     split_items = train.instruction_items(cfg, train.sources(cfg))
@@ -422,8 +411,7 @@ def ask(run_dir: str, clips: List[data.Clip], question: Optional[str] = None, ct
 
 
 def export(run_dir: str, path: str) -> None:
-    """best.pt as ROOT.pt (ROOT: path less .pt), a flat state dict: "adapter.*" and the LLM's "lora.*" (lora) or
-    whole "llm.*" (full: as large as the LLM); ROOT.safetensors if installed; ROOT.json for moe_adapter.load_adapter."""
+    """best.pt's "adapter.*" and "lora.*" or "llm.*" as ROOT.pt (+ .safetensors), ROOT.json for moe_adapter.load_adapter."""
     summary, root = _json(os.path.join(run_dir, "summary.json")), path[:-3] if path.endswith(".pt") else path
     state = loop.load(os.path.join(run_dir, "best.pt"))
     flat = {f"{k}.{n}": v.clone(memory_format=torch.contiguous_format)     # own storage: no tied tensors
@@ -479,8 +467,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if opt:                                              # your own audio, an export: one run
         if len(paths) != 1 or runs[paths[0]] != paths:
             raise UsageError(f"--audio and --export take one run folder (with summary.json), got {' '.join(paths)}")
-        folder = os.path.dirname(os.path.abspath(export_to or "."))
-        if export_to is not None and (os.path.isdir(export_to) or not os.access(folder, os.W_OK)):
+        if export_to is not None and (os.path.isdir(export_to)
+                                      or not os.access(os.path.dirname(os.path.abspath(export_to)), os.W_OK)):
             raise UsageError(f"--export={export_to}: expected a file name in an existing writable folder (out/moe)")
         if question is not None and audio is None:
             raise UsageError(f"--ask={question!r}: asks about --audio=PATH, which is missing")

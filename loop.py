@@ -2,6 +2,8 @@
 checkpoints, reuse of finished stages, the command line, and `fit`, the training loop written out once."""
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -21,12 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import hf
-from data import UsageError, load_corpus
-
-try:
-    import fcntl
-except ImportError:
-    fcntl = None
+from data import UsageError, load_corpus, parse_overrides
 
 
 @dataclass
@@ -90,7 +87,7 @@ def save_atomic(obj, path: str, save: Callable = torch.save) -> None:
 @contextmanager
 def out_dir_lock(out_dir: str, ctx: Ctx):
     """Make out_dir and hold out_dir/.lock while the run lives: a second run there is refused, and since the
-    kernel drops a dead process's flock, a killed run leaves none stuck (Windows, without fcntl: no lock)."""
+    kernel drops a dead process's flock, a killed run leaves none stuck."""
     if not ctx.main:
         yield
         return
@@ -101,7 +98,7 @@ def out_dir_lock(out_dir: str, ctx: Ctx):
         raise UsageError(f"--out_dir={out_dir}: cannot write there ({e.strerror}); pass a writable folder") from None
     with f:
         try:
-            fcntl and fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             raise UsageError(f"--out_dir={out_dir} is in use by a live run (pid {f.read().strip()}); wait for it "
@@ -151,19 +148,18 @@ def check_same_config(path: str, want: dict, what: str, have: Optional[dict] = N
                          f"--out_dir, or delete it to retrain")
 
 
-def finished_run(run_dir: str, want: dict, ignore: Sequence[str] = ()) -> Optional[dict]:
-    """summary.json of a finished run (None if unfinished), if trained with `want` (the `ignore` keys aside)."""
+def finished_run(run_dir: str, want: dict) -> Optional[dict]:
+    """summary.json of a finished run (None if unfinished), if trained with `want`."""
     path = os.path.join(run_dir, "summary.json")
     if not os.path.exists(path):
         return None
     summary = read_json(path)
-    want = {k: v for k, v in want.items() if k not in ignore}
     check_same_config(path, want, "finished run", have={k: summary["config"].get(k) for k in want})
     return summary
 
 
-def split_args(argv: Sequence[str], commands: Sequence[str], presets: Sequence[str]) -> Tuple[str, str, bool, List[str]]:
-    """[COMMAND] [--config=NAME] [--resume] [--key=value ...] -> (command (default the first), preset, resume, rest)."""
+def split_args(argv: Sequence[str], commands: Sequence[str], presets: dict, cls) -> Tuple[str, str, object, bool]:
+    """[COMMAND] [--config=NAME] [--resume] [--key=value ...] -> (command (default the first), preset, cls, resume)."""
     argv = list(argv)
     command = argv.pop(0) if argv and not argv[0].startswith("-") else commands[0]
     if command not in commands:
@@ -171,7 +167,12 @@ def split_args(argv: Sequence[str], commands: Sequence[str], presets: Sequence[s
     preset = ([a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or ["tiny"])[-1]
     if preset not in presets:
         raise UsageError(f"unknown config {preset!r}; allowed: {', '.join(presets)}")
-    return command, preset, "--resume" in argv, [a for a in argv if a != "--resume" and not a.startswith("--config=")]
+    base = cls(**presets[preset])
+    try:
+        rest = [a for a in argv if a != "--resume" and not a.startswith("--config=")]
+        return command, preset, dataclasses.replace(base, **parse_overrides(base, rest)), "--resume" in argv
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def run_script(script: str, *args: str) -> None:
@@ -190,7 +191,6 @@ class Schedule:
     warmup: int = 20
     decay_frac: float = 0.2
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
     shape: str = "wsd"              # wsd (MoE-Adapter) | cosine (Soft-MoA)
     betas: Tuple[float, float] = (0.9, 0.95)
 
@@ -261,8 +261,8 @@ def fit(name: str, model: nn.Module, step_loss: Callable, s: Schedule, ctx: Ctx,
                 torch.arange(s.batch).chunk(ctx.world)[ctx.rank]
             loss, logged = step_loss(ddp, step, idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()   # one host sync a step: the norm, + 0 * loss to be non-finite if either is
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip) + 0 * loss.detach())
+            loss.backward()   # clipped at norm 1; one host sync a step: the norm, + 0 * loss: non-finite if either is
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0) + 0 * loss.detach())
             if not math.isfinite(grad_norm):              # before the update: no NaN reaches last.pt / best.pt
                 raise SystemExit(f"{name}: the loss or gradient norm of step {step + 1} is {grad_norm}; "
                                  f"stopped before the update; the last good checkpoint: {good}")

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROUTERS = ("softmax", "position")
 ADAPTER_KINDS = ("moe", "moe-random", "dense-params", "dense-flops")
 
 
@@ -52,7 +51,7 @@ class MoEAdapterConfig:
             (min(E, n_s) < 0 or E + n_s == 0, "n_experts and n_shared must be >= 0, with at least one expert"),
             (not (1 <= k <= E if E else k == 0), f"top_k must be in [1, n_experts={E}] (0 without routed experts)"),
             ((E and self.d_expert < 1) or (n_s and self.d_shared < 1), "d_expert and d_shared must be >= 1"),
-            (self.router not in ROUTERS, f"unknown router {self.router!r}; allowed: {', '.join(ROUTERS)}"),
+            (self.router not in ("softmax", "position"), f"unknown router {self.router!r}; allowed: softmax, position"),
             (min(self.balance_weight, self.z_weight) < 0, "balance_weight and z_weight must be >= 0"),
         ]:
             if bad:

@@ -1,7 +1,5 @@
-"""The papers' figures as small PNGs in OUT_DIR/figures, drawn by eval.py and eval_moa.py when matplotlib is installed:
-train.py's expert usage by domain and task (MoE-Adapter Fig. 3), domain-gradient cosines (Figs. 4-5), training curves;
-train_moa.py's adapter shares of each mixture's output and usage by class (Soft-MoA Figs. 2-3). Experts and adapters
-differ between seeds, so their usage is drawn per run, never averaged. Each function returns the arrays it drew."""
+"""The papers' figures as small PNGs in OUT_DIR/figures (eval.py, eval_moa.py; needs matplotlib): MoE-Adapter Figs.
+3-5 and training curves, Soft-MoA Figs. 2-3. Experts differ between seeds: usage is drawn per run. Returns the arrays."""
 import io
 import json
 import os
@@ -44,9 +42,9 @@ def _save(fig, out_dir: str, name: str, title: str) -> None:
 def _heatmaps(out_dir: str, name: str, title: str, panels, cols: int, **kw) -> None:
     """One PNG, `cols` heatmaps a row; panels: (title, m, row labels, column labels). Small ones carry their values."""
     heights = [max(len(p[1]) for p in panels[i:i + cols]) for i in range(0, len(panels), cols)]
-    per_row = 0.2 if max(heights) < 20 else 0.09                                   # inches per heatmap row
-    fig, axes = _figure(max(6.5, 1.5 + 3.3 * min(cols, len(panels))), 0.8 + 0.5 * len(heights) + per_row * sum(heights),
-                        len(heights), min(cols, len(panels)), height_ratios=heights)
+    per_row, cols = 0.2 if max(heights) < 20 else 0.09, min(cols, len(panels))         # inches per heatmap row
+    fig, axes = _figure(max(6.5, 1.5 + 3.3 * cols), 0.8 + 0.5 * len(heights) + per_row * sum(heights),
+                        len(heights), cols, height_ratios=heights)
     for ax, (t, m, rows, columns) in zip(axes.flat, panels):
         im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="Blues", **kw)
         ax.set_xticks(range(len(columns)), columns, fontsize=7)
@@ -94,8 +92,8 @@ def train_figures(out_dir: str, run_dirs) -> dict:
         fig, axes = _figure(6.4, 3.2)                         # Figs. 4-5: domain-gradient cosines per kind
         ax, width = axes[0, 0], 0.8 / len(kinds)
         for i, k in enumerate(kinds):
-            cos = [e["gradient_conflict"]["domain"]["pairs"] for e, _ in ev if e["kind"] == k]
-            seeds = np.array([[c[p] for p in pairs] for c in cos])                            # (seeds, pairs)
+            seeds = np.array([[e["gradient_conflict"]["domain"]["pairs"][p] for p in pairs]
+                              for e, _ in ev if e["kind"] == k])                                # (seeds, pairs)
             x = np.arange(len(pairs)) + (i - (len(kinds) - 1) / 2) * width
             ax.bar(x, seeds.mean(0), width, color=f"C{i}", label=f"{k} ({len(seeds)} seeds)", alpha=0.8)
             ax.plot(np.broadcast_to(x, seeds.shape).ravel(), seeds.ravel(), "k.", ms=3)

@@ -17,14 +17,13 @@ Shapes: B batch, F mel bins, T mel frames, T' encoder frames, N tokens, D LLM wi
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import math
 import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -158,12 +157,7 @@ RUN_CONTROL = ("out_dir", "adapters", "seeds", "evaluate", "workers", "device", 
 
 def parse_args(argv: Sequence[str]):
     """[COMMAND] [--config=NAME] [--resume] [--key=value ...] -> (command, TrainConfig, resume)."""
-    command, preset, resume, rest = split_args(argv, COMMANDS, PRESETS)
-    base = TrainConfig(**PRESETS[preset])
-    try:
-        cfg = dataclasses.replace(base, **data.parse_overrides(base, rest))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    command, preset, cfg, resume = split_args(argv, COMMANDS, PRESETS, TrainConfig)
     if preset == "paper" and not (cfg.encoder_checkpoint and cfg.llm_checkpoint):
         raise UsageError("--config=paper runs on the real checkpoints: pass --encoder_checkpoint=PATH "
                          "(Whisper large-v3) and --llm_checkpoint=DIR (Qwen3-1.7B, a Hugging Face folder)")
@@ -497,15 +491,15 @@ def controls(command: str, cfg: TrainConfig, ctx: Ctx, resume: bool) -> None:
     with experts `widths` times as wide (capacity: OUT/width-xW, the main run's parts); accuracy, MoE margin."""
     settings = [("main run", cfg)]
     if command == "heterogeneity":
-        settings.append(("speech only", dataclasses.replace(cfg, domains="speech", out_dir=os.path.join(cfg.out_dir, "speech"))))
+        settings.append(("speech only", replace(cfg, domains="speech", out_dir=os.path.join(cfg.out_dir, "speech"))))
     ckpt = dict(encoder_checkpoint=cfg.encoder_checkpoint or os.path.join(cfg.out_dir, "encoder", "encoder.pt"),
                 llm_checkpoint=cfg.llm_checkpoint or os.path.join(cfg.out_dir, "llm", "llm.pt"))
     for w in (float(x) for x in cfg.widths.split(",")) if command == "capacity" else ():
-        settings.append((f"experts x{w:g}", dataclasses.replace(
+        settings.append((f"experts x{w:g}", replace(
             cfg, d_expert=max(1, round(cfg.d_expert * w)), d_shared=max(1, round(cfg.d_shared * w)),
             out_dir=os.path.join(cfg.out_dir, f"width-x{w:g}"), **ckpt)))
     if not os.path.exists(os.path.join(cfg.out_dir, "comparison.json")):     # the main run, as it is
-        train_all(dataclasses.replace(cfg, evaluate=True), ctx, resume)
+        train_all(replace(cfg, evaluate=True), ctx, resume)
     for _, c in settings[1:]:
         if c.domains == cfg.domains and ctx.main:       # capacity: same clips and encoder, the main run's caches
             os.makedirs(c.out_dir, exist_ok=True)
@@ -513,7 +507,7 @@ def controls(command: str, cfg: TrainConfig, ctx: Ctx, resume: bool) -> None:
                 src, dst = os.path.join(cfg.out_dir, f), os.path.join(c.out_dir, f)
                 if os.path.exists(src) and not os.path.exists(dst):
                     os.link(src, dst)
-        train_all(dataclasses.replace(c, evaluate=True), ctx, resume)
+        train_all(replace(c, evaluate=True), ctx, resume)
     if not ctx.main:
         return
     lines = ["| setting | adapter | seeds | semantic | paralinguistic | MoE − it, semantic | MoE − it, paralinguistic |",

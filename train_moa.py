@@ -9,7 +9,7 @@ Deviations (tiny config, CPU): 64 mel bins, not 128; r = d / 16 = 4 (d / 128 is 
 pre-training clips' mean and std (a real AST: AST's); gradients clipped to norm 1. b batch, T frames, F mel bins."""
 import os
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -112,12 +112,7 @@ PRESETS = {"tiny": {}, "paper": dict(out_dir="runs/moa-paper", n_mels=128, r=6, 
 
 def parse_args(argv: Sequence[str]) -> Tuple[str, MoAConfig, bool]:
     """[all | ablate] [--config=NAME] [--resume] [--key=value ...] -> (command, MoAConfig, resume)."""
-    command, preset, resume, rest = split_args(argv, ("all", "ablate"), PRESETS)
-    base = MoAConfig(**PRESETS[preset])
-    try:
-        cfg = replace(base, **data.parse_overrides(base, rest))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    command, preset, cfg, resume = split_args(argv, ("all", "ablate"), PRESETS, MoAConfig)
     if preset == "paper" and not cfg.ast_checkpoint:   # its AST fields are tiny: pre-training them is no AST-Base
         raise UsageError("--config=paper fine-tunes AST-Base: pass --ast_checkpoint=PATH (a transformers AST folder)")
     return command, cfg, resume
@@ -291,7 +286,8 @@ def peft_run(cfg: MoAConfig, ast: dict, ctx: Ctx, resume: bool, cache: dict, run
              n_experts: int, r: int, slots: int, seed: int) -> dict:
     """Fine-tune one method on one benchmark for one seed; eval_moa.py scores best.pt on the test role."""
     want = dict(asdict(cfg), bench=bench, method=method, seed=seed, r=r, n_experts=n_experts, slots=slots)
-    if (summary := finished_run(run_dir, want, ignore=RUN_CONTROL)) is not None:
+    settings = {k: v for k, v in want.items() if k not in RUN_CONTROL}
+    if (summary := finished_run(run_dir, settings)) is not None:
         return summary
     roles = fold_split(cache["split"], seed)
     train, valid = (FbankData(cache, roles[k], ast["mean"], ast["std"]) for k in ("train", "valid"))
@@ -307,7 +303,7 @@ def peft_run(cfg: MoAConfig, ast: dict, ctx: Ctx, resume: bool, cache: dict, run
                   seed, len(train), state=lambda: {k: v for k, v in model.state_dict().items() if k in trainable},
                   load_state=lambda sd: model.load_state_dict(sd, strict=False),
                   validate=lambda: valid.mean_loss(model, ctx, 256), eval_every=steps_per_epoch,
-                  verbose=False, settings={k: v for k, v in want.items() if k not in RUN_CONTROL})
+                  verbose=False, settings=settings)
     m = 2 + model.cfg.grid[0] * ((frames - model.cfg.patch) // model.cfg.time_stride + 1)     # tokens per clip
     mixtures = sum(len(b.adapters) for b in model.blocks)
     summary.update(bench=bench, method=method, seed=seed, config=want, trainable=len(trainable),
@@ -328,19 +324,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_inputs(cfg, ("ast_checkpoint",), cfg.data_label)
     ctx = make_ctx(cfg.device, cfg.dtype)
     with out_dir_lock(cfg.out_dir, ctx):
-        _main(command, cfg, resume, ctx)
+        if ctx.main:
+            print(f"train_moa.py {command}: device {ctx.device}, {ctx.world} process(es), out_dir {cfg.out_dir}")
+            write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
+        run_all(command, cfg, resume, ctx)
     if ctx.world > 1:
         dist.destroy_process_group()
 
 
-def _main(command: str, cfg: MoAConfig, resume: bool, ctx: Ctx) -> None:
-    if ctx.main:
-        print(f"train_moa.py {command}: device {ctx.device}, {ctx.world} process(es), out_dir {cfg.out_dir}")
-        write_json(asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
-    ast = stage_ast(cfg, ctx, resume)
+def run_all(command: str, cfg: MoAConfig, resume: bool, ctx: Ctx) -> None:
     ablate = command == "ablate"
     benches = ["data"] if cfg.data_dir else [cfg.ablate_benchmark] if ablate else cfg.benchmarks.split(",")
-    caches = {b: fbank_cache(cfg, ctx, b) for b in benches}
+    caches = {b: fbank_cache(cfg, ctx, b) for b in benches}      # first: a bad --data_label stops before pre-training
+    ast = stage_ast(cfg, ctx, resume)
     grid = [(m, cfg.n_experts, cfg.r, cfg.slots) for m in cfg.methods.split(",")]
     if ablate:
         ns = sorted(_ints(cfg.ablate_experts, "ablate_experts"))

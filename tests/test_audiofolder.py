@@ -106,10 +106,9 @@ def test_bad_metadata_and_options_are_refused_by_name(tmp_path):
     _refused(tmp_path / "d", r"--groups=speaker:loud: speaker:loud is not COLUMN:semantic .*\(speaker, colour\)",
              groups="speaker:loud")
     _refused(tmp_path / "d", r"--groups=emotion:semantic: emotion:semantic is not", groups="emotion:semantic")
-    cfg = train_moa.MoAConfig(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "d"), data_label="event")
     with pytest.raises(SystemExit, match=r"--data_label=event: d: no label 'event'; labels: speaker, emotion, colour"):
-        train_moa.fbank_cache(cfg, loop.Ctx(torch.device("cpu")), "data")
-    assert not os.path.exists(tmp_path / "out")                              # refused before any work
+        train_moa.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'd'}", "--data_label=event"])
+    assert not os.path.exists(tmp_path / "out" / "ast")                      # refused before pre-training
 
 
 def test_train_py_learns_and_evaluates_the_new_tasks(tmp_path):
