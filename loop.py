@@ -129,7 +129,7 @@ def check_inputs(cfg, checkpoints: Sequence[str], label: str) -> None:
     folder that parses (ours: a .pt; else a Hugging Face folder or weight file). Else one line naming it."""
     opt = f"--data_dir={cfg.data_dir}"
     try:
-        cfg.data_dir and load_corpus(cfg.data_dir, label)
+        cfg.data_dir and load_corpus(cfg.data_dir, label, getattr(cfg, "groups", ""))
         for opt in (f"--{k}={getattr(cfg, k)}" for k in checkpoints if getattr(cfg, k)):
             if not os.path.exists(path := opt.split("=", 1)[1]):
                 raise FileNotFoundError("no such file or folder")

@@ -152,7 +152,8 @@ PRESETS = {"tiny": {},
                          eval_every=1000, cache_features=False)}
 COMMANDS = ("all", "encoder", "llm", "adapter", "heterogeneity", "capacity")
 # What to run and where, not what a run learns: a finished run is reused whatever they are.
-RUN_CONTROL = ("out_dir", "adapters", "seeds", "evaluate", "workers", "device", "compile", "cache_features", "widths")
+RUN_CONTROL = ("out_dir", "adapters", "seeds", "evaluate", "workers", "device", "compile", "cache_features", "widths",
+               "groups")
 
 
 def parse_args(argv: Sequence[str]):
