@@ -393,8 +393,13 @@ def load_corpus(root: str, label: str, groups: str = "") -> Tuple[str, AudioFile
 # --- Linear probe (eval.py); the command line: --key=value overrides, usage errors ----------------
 def probe_accuracy(train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
                    n_classes: int, l2: float = 1e-3) -> float:
-    """Held-out accuracy of an L-BFGS multinomial logistic regression (float64, mean cross-entropy
-    + l2 |W|^2 / 2) on features standardised by the train split."""
+    """Held-out accuracy of `probe_fit`."""
+    return float((probe_fit(train, n_classes, l2)(test[0]) == test[1]).double().mean())
+
+
+def probe_fit(train: Tuple[torch.Tensor, torch.Tensor], n_classes: int, l2: float = 1e-3):
+    """An L-BFGS multinomial logistic regression (float64, mean cross-entropy + l2 |W|^2 / 2) on features
+    standardised by the train split; returns its classifier, features (N, D) -> classes (N,)."""
     mu, sd = train[0].mean(0), train[0].std(0) + 1e-6
     x, y = ((train[0] - mu) / sd).double(), train[1]
     W = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)   # (D, C)
@@ -408,8 +413,7 @@ def probe_accuracy(train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.T
         loss.backward()
         return loss
     opt.step(closure)
-    pred = (((test[0] - mu) / sd).double() @ W.detach() + b.detach()).argmax(1)
-    return float((pred == test[1]).double().mean())
+    return lambda x: (((x - mu) / sd).double() @ W.detach() + b.detach()).argmax(1)
 
 
 class UsageError(SystemExit):

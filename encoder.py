@@ -22,7 +22,7 @@ SAMPLE_RATE = 16000
 FLT_EPSILON = 1.1920928955078125e-07  # float32 machine epsilon: Kaldi's log floor
 LOG_FLOOR = math.log(FLT_EPSILON)  # -15.942385..., the log-mel value of silence and of empty filters
 AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AST's AudioSet statistics of the log-mel fbank
-WINDOWS, HEAD_POOLS = ("hanning", "povey"), ("mean", "cls_dist")
+WINDOWS, HEAD_POOLS = ("hanning", "povey"), ("mean", "cls_dist", "rows")
 ATTN_IMPLS, POS_RESIZE = ("sdpa", "reference"), ("ast", "bilinear")
 
 
@@ -232,7 +232,8 @@ def _check_input(what: str, x: torch.Tensor, mask, n_mels: int, f_dim: int, t_mi
 @dataclass
 class ASTConfig(AdapterConfig):
     """AST sizes (defaults: `tiny()`); max_length: frames of the positional grid. n_classes > 0 adds `head` ([norm],
-    Linear) on head_pool: "mean" of all tokens (the Soft-MoA paper's) or "cls_dist", mean of [CLS] and dist (AST's)."""
+    Linear) on head_pool: "mean" of all tokens (the Soft-MoA paper's), "cls_dist", mean of [CLS] and dist (AST's), or
+    "rows": each frequency row of patch tokens averaged over time, the rows concatenated (Fp d wide, `pooled_rows`)."""
     d: int = 64
     n_layers: int = 4
     n_heads: int = 4
@@ -300,8 +301,9 @@ class AST(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, cfg.qkv_bias) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         if cfg.n_classes:
-            self.head = nn.Sequential(OrderedDict(norm=nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.head_norm
-                                                  else nn.Identity(), fc=nn.Linear(d, cfg.n_classes)))
+            w = d * cfg.grid[0] if cfg.head_pool == "rows" else d
+            self.head = nn.Sequential(OrderedDict(norm=nn.LayerNorm(w, eps=cfg.norm_eps) if cfg.head_norm
+                                                  else nn.Identity(), fc=nn.Linear(w, cfg.n_classes)))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> ASTOutput:
         cfg = self.cfg
@@ -322,8 +324,20 @@ class AST(nn.Module):
         h, real, infos = _encode(self.blocks, self.norm, h, tmask)  # (b, m, d)
         pooled_mean = h.mean(1) if tmask is None else h.sum(1) / real.sum(1, keepdim=True).to(h.dtype)  # (b, d)
         pooled_cls = (h[:, 0] + h[:, 1]) / 2  # (b, d)
-        logits = self.head(pooled_mean if cfg.head_pool == "mean" else pooled_cls) if cfg.n_classes else None
+        pool = cfg.head_pool
+        pooled = pooled_mean if pool == "mean" else pooled_cls if pool == "cls_dist" else pooled_rows(h, real, fp)
+        logits = self.head(pooled) if cfg.n_classes else None
         return ASTOutput(h, real, pooled_cls, pooled_mean, logits, infos)
+
+
+def pooled_rows(h: torch.Tensor, real: torch.Tensor, fp: int) -> torch.Tensor:
+    """(b, m, d) tokens, (b, m) real -> (b, Fp d): each frequency row's patch tokens averaged over its real time
+    columns, the Fp rows concatenated. Deviation: at d = 64 the mean of all tokens loses where in frequency a
+    pattern sits, and a head on it falls below a probe on the mean log-mel (README, Result 2)."""
+    b, m, d = h.shape
+    w = real[:, 2:].reshape(b, fp, -1, 1).to(h.dtype)                        # (b, Fp, Tp, 1)
+    rows = (h[:, 2:].reshape(b, fp, -1, d) * w).sum(2) / w.sum(2).clamp_min(1)  # (b, Fp, d)
+    return rows.reshape(b, fp * d)
 
 
 def resize_pos_embed(pos: torch.Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int],

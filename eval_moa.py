@@ -7,7 +7,7 @@ Per run, eval.json: test accuracy of best.pt (and per class), and per mixture ea
 both drawn in OUT_DIR/figures (plots.py) when matplotlib is installed."""
 import os
 import statistics
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ import data
 import plots
 import soft_moa as sm
 import train_moa
-from eval import _json, mean_std, moa_out_dir, parse_cli
+from eval import _json, mean_std, moa_out_dir, paired, parse_cli
 from data import UsageError
 from loop import load, make_ctx, write_json
 
@@ -44,7 +44,7 @@ def evaluate_moa_run(run_dir: str, ast: dict, cfg, caches: dict, ctx, force: boo
     c, C = s["config"], len(cache["classes"])
     test = train_moa.FbankData(cache, train_moa.fold_split(cache["split"], s["seed"])["test"], ast["mean"], ast["std"])
     model, trainable = train_moa.build_peft_model(ast, s["method"], C, cache["x"].shape[1], c["r"], c["n_experts"],
-                                                  c["slots"])
+                                                  c["slots"], c.get("head_pool", "mean"))
     best = load(os.path.join(run_dir, "best.pt"))
     if set(best) != set(trainable):
         raise UsageError(f"{run_dir}/best.pt does not hold the trainable parameters of {s['method']}")
@@ -93,8 +93,12 @@ def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -
                             ms_per_step=[r["ms_per_step"] for r in rs])
         lines.append(f"| {label} |" + "".join(f" {mean_std(accs[b])} |" for b in benches)
                      + f" {'/'.join(f'{p:,}' for p in params)} | {macs:,.0f} | {mean_std(table[label]['ms_per_step'], '{:.1f}')} |")
-    text = "\n".join(lines)
-    intro = (f"Test accuracy, mean ± std over {max(len(v['seeds']) for v in table.values())} seeds (fold benchmarks: "
+    seeds = sorted({r["seed"] for r in results})
+    if not ablation:
+        text = "\n".join(lines[:2] + probe_rows(out_dir, benches, seeds, table) + lines[2:]) + gap_tables(results, benches, table)
+    else:
+        text = "\n".join(lines)
+    intro = (f"Test accuracy, mean ± std over {len(seeds)} seeds (fold benchmarks: "
              "seed i tests on fold i+1); params: trainable, without the linear head; MACs: all mixtures, per token; "
              "ms/step: mean over all runs of the row:")
     runs = {}                          # (method, mixture): each run's adapter shares of the mixture's output
@@ -118,6 +122,46 @@ def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -
     write_json(table, os.path.join(out_dir, "ablation.json" if ablation else "moa.json"))
     if not ablation:                                  # OUT_DIR/figures/moa_*.png, when matplotlib is installed
         plots.moa_figures(out_dir, run_dirs)
+
+
+def probe_rows(out_dir: str, benches: Sequence[str], seeds: Sequence[int], table: dict) -> List[str]:
+    """The table's probe rows from train_moa.probe_runs' OUT_DIR/BENCH/probe-s{seed}.json (test accuracy)."""
+    rows = []
+    for side, label in (("log_mel", "probe: mean log-mel (floor)"), ("frozen", "probe: frozen AST")):
+        accs = {b: [_json(p)[side]["test"] for p in (os.path.join(out_dir, b, f"probe-s{s}.json") for s in seeds)
+                    if os.path.exists(p)] for b in benches}
+        if any(accs.values()):
+            table[label] = dict(accuracy=accs)
+            rows.append(f"| {label} |" + "".join(f" {mean_std(accs[b])} |" for b in benches) + " – | – | – |")
+    return rows
+
+
+def gap_tables(results: List[dict], benches: Sequence[str], table: dict) -> str:
+    """Each PETL method's share of the gap from linear to full fine-tuning (of the seed means), and Soft-MoA minus
+    the single adapter and Dense-MoA paired by seed."""
+    runs = lambda m, b: [r for r in results if r["method"] == m and r["bench"] == b]   # noqa: E731
+    mean = lambda m, b: statistics.mean(r["accuracy"] for r in runs(m, b))              # noqa: E731
+    have = [m for m in train_moa.MOA_METHODS if m not in ("linear", "full") and any(r["method"] == m for r in results)]
+    text = ""
+    if have and all(runs(m, b) for m in ("linear", "full") for b in benches):
+        span = {b: mean("full", b) - mean("linear", b) for b in benches}
+        gap = {m: {b: (mean(m, b) - mean("linear", b)) / span[b] if span[b] else float("nan") for b in benches}
+               for m in have}
+        text += ("\n\nShare of the gap from linear (the head alone) to full fine-tuning that each method closes, "
+                 "(method − linear) / (full − linear) of the means:\n\n| method |" + "".join(f" {b} |" for b in benches)
+                 + "\n|---" + "|---" * len(benches) + "|"
+                 + "".join(f"\n| {m} |" + "".join(f" {gap[m][b]:.2f} |" if gap[m][b] == gap[m][b] else " – |" for b in benches) for m in have))
+        table["gap_share"] = gap
+    pairs = [(f"soft-{at}", f"{other}-{at}") for at in ("pfeiffer", "houlsby") for other in ("single", "dense")
+             if f"soft-{at}" in have and f"{other}-{at}" in have]
+    if pairs:
+        diffs = {f"{a} − {b}": {c: paired(runs(a, c), runs(b, c), "accuracy") for c in benches} for a, b in pairs}
+        fmt = lambda d: f"{d['mean']:+.3f} ± {d['std']:.3f} ({d['wins']}/{d['n']})" if d else "–"   # noqa: E731
+        text += ("\n\nPaired by seed: mean ± std of the test-accuracy differences (seeds where the first is higher):"
+                 "\n\n| difference |" + "".join(f" {b} |" for b in benches) + "\n|---" + "|---" * len(benches) + "|"
+                 + "".join(f"\n| {k} |" + "".join(f" {fmt(v[b])} |" for b in benches) for k, v in diffs.items()))
+        table["paired"] = diffs
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,12 +1,15 @@
 """Soft-MoA fine-tuning of a frozen AST (Cappellazzo et al., Interspeech 2024, arXiv 2402.00828).
 
-    python train_moa.py           # pre-train a tiny AST, every method x benchmark x seed, eval_moa.py's tables
+    python train_moa.py           # pre-train a tiny AST, probes, linear / full / Pfeiffer x benchmark x 5 seeds, tables
+    python train_moa.py --methods=single-houlsby,dense-houlsby,soft-houlsby   # the Houlsby rows, same backbone
     python train_moa.py ablate    # adapters at a fixed N x r budget, slots per adapter
     python train_moa.py --config=paper --ast_checkpoint=DIR --data_dir=DIR   # any MoAConfig field as --key=value
 
 The paper's AdamW (lr 5e-3, betas (0.9, 0.98), weight decay 0.1, cosine, no warm-up); best validation loss kept.
 Deviations (tiny config, CPU): 64 mel bins, not 128; r = d / 16 = 4 (d / 128 is 1 wide); fbank normalised by the
-pre-training clips' mean and std (a real AST: AST's); gradients clipped to norm 1. b batch, T frames, F mel bins."""
+pre-training clips' mean and std (a real AST: AST's); gradients clipped to norm 1; the head on `pooled_rows` (the
+paper's: the mean token; --head_pool=mean). Pre-training: from scratch on 4,800 synthetic scenes, not ImageNet DeiT
+weights and AudioSet's 2M clips; tags and phonemes (PHONE_TAGS). b batch, T frames, F mel bins."""
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -35,6 +38,10 @@ MOA_METHODS = {"linear": ("none", "single"), "full": ("none", "single"),
 # The AST config fields a backbone checkpoint keeps (its head and mixtures are made per run).
 BACKBONE_FIELDS = ("d", "n_layers", "n_heads", "d_ff", "num_mel_bins", "max_length", "patch", "freq_stride",
                    "time_stride", "norm_eps", "qkv_bias")
+# Deviation: AudioSet has no phonetic labels. Our scenes' speech is tagged with the phonemes it contains (a bag, no
+# order, no word), as a transcribed speech corpus would give; without it the frozen AST knows "speech", not what is said.
+PHONE_TAGS = tuple(f"phone:{p}" for p in (*synth.PHONEMES, *synth.DIPHTHONGS))
+PROBE_L2 = (1e-3, 1e-2, 1e-1, 1.0)   # the probes' l2 grid, chosen on validation
 REAL_SECONDS = {"esc50": 5.0, "us8k": 4.0, "speechcommands": 1.0, "fsc": 4.0}   # AST's recipes, real corpora
 
 
@@ -52,8 +59,8 @@ def _frames(seconds: float) -> int:
 class MoAConfig:
     out_dir: str = "runs/moa"
     benchmarks: str = "esc50,us8k,speechcommands,fsc"   # data.BENCHMARKS names
-    methods: str = ",".join(MOA_METHODS)
-    seeds: int = 3                  # fold benchmarks: seed i tests on fold i+1 (cross-validation)
+    methods: str = "linear,full,single-pfeiffer,dense-pfeiffer,soft-pfeiffer"   # MOA_METHODS; Houlsby: README
+    seeds: int = 5                  # fold benchmarks: seed i tests on fold i+1 (cross-validation)
     device: str = "auto"
     dtype: str = "auto"
     evaluate: bool = True
@@ -61,6 +68,7 @@ class MoAConfig:
     data_label: str = "event"       # data_dir with one folder per class: what the folders name
     bench_clips: int = 1000         # clips of each synthetic benchmark (all folds / splits)
     max_seconds: float = 0.0        # crop / pad to this; 0: the benchmark's clip length (folder per class: 5 s)
+    head_pool: str = "rows"         # the fine-tuning head's pooling, encoder.HEAD_POOLS ("mean": the paper's)
     # the AST and its pre-training on AudioSet-like scenes (multi-label, binary cross-entropy)
     ast_checkpoint: str = ""        # a real AST (hf.load_ast) or our ast.pt: skips pre-training
     ast_d: int = 64
@@ -68,9 +76,10 @@ class MoAConfig:
     ast_heads: int = 4
     ast_ff: int = 256
     n_mels: int = 64
-    pre_clips: int = 3000
+    pre_clips: int = 6000
     pre_seconds: float = 2.5        # also the positional grid's length
-    pre_epochs: int = 10
+    pre_epochs: int = 5
+    pre_phones: bool = True         # a bag-of-phonemes target beside the tags (see PHONE_TAGS)
     pre_batch: int = 32
     pre_lr: float = 1e-3
     # the mixtures (soft_moa) and the fine-tuning recipe
@@ -80,7 +89,7 @@ class MoAConfig:
     epochs: int = 6
     batch: int = 32
     lr: float = 5e-3
-    full_lr: float = 1e-3           # full fine-tuning: chosen on validation (README), the paper gives none
+    full_lr: float = 3e-3           # full fine-tuning: chosen on validation (README), the paper gives none
     weight_decay: float = 0.1
     # ablate, on one benchmark: Soft- and Dense-MoA with n adapters of r = budget / n, Soft-MoA with p slots each
     ablate_benchmark: str = "fsc"
@@ -92,7 +101,8 @@ class MoAConfig:
         for what, names, allowed in (("benchmark", self.benchmarks.split(",") + [self.ablate_benchmark], data.BENCHMARKS),
                                      ("method", self.methods.split(","), MOA_METHODS),
                                      ("device", [self.device], ("auto", "cpu", "cuda")),
-                                     ("dtype", [self.dtype], ("auto", "fp32", "bf16"))):
+                                     ("dtype", [self.dtype], ("auto", "fp32", "bf16")),
+                                     ("head_pool", [self.head_pool], enc.HEAD_POOLS)):
             if bad := [name for name in names if name not in allowed]:
                 raise ValueError(f"unknown {what} {bad[0]!r}; allowed: {', '.join(allowed)}")
         if small := [k for k in ("seeds", "bench_clips", "pre_clips", "pre_epochs", "pre_batch", "r", "n_experts",
@@ -123,8 +133,8 @@ def fbank_cache(cfg: MoAConfig, ctx: Ctx, name: str) -> dict:
     fp16 log-fbank cropped / zero-padded to the clip length, frames (N,), y (N,) or multi-hot (N, C), split, classes}."""
     if name == "audioset":
         src = synth.SyntheticCorpus(synth.CorpusConfig.audioset_like(n_clips=cfg.pre_clips, clip_seconds=cfg.pre_seconds))
-        label, classes, seconds = "tags", list(synth.AUDIOSET_TAGS), cfg.pre_seconds
-        want = dict(pre_clips=cfg.pre_clips, pre_seconds=cfg.pre_seconds, n_mels=cfg.n_mels)
+        label, classes, seconds = "tags", list(synth.AUDIOSET_TAGS) + list(PHONE_TAGS) * cfg.pre_phones, cfg.pre_seconds
+        want = dict(pre_clips=cfg.pre_clips, pre_seconds=cfg.pre_seconds, n_mels=cfg.n_mels, pre_phones=cfg.pre_phones)
     else:
         if name == "data":
             layout, src = data.load_corpus(cfg.data_dir, cfg.data_label)
@@ -143,7 +153,7 @@ def fbank_cache(cfg: MoAConfig, ctx: Ctx, name: str) -> dict:
     path = os.path.join(cfg.out_dir, "data", f"{name}.pt")
     if ctx.main and not os.path.exists(path):
         T, index = _frames(seconds), {c: i for i, c in enumerate(classes)}
-        tags = data.MultiLabelAudio(src, classes) if label == "tags" else None
+        tags = data.MultiLabelAudio(src, synth.AUDIOSET_TAGS) if label == "tags" else None
         xs, ns, ys = [], [], []
         for j in tqdm(range(len(src)), desc=f"fbank {name}", leave=False, disable=not sys.stderr.isatty()):
             wave = data._audio_tensor(clip := src[j], seconds)
@@ -151,7 +161,9 @@ def fbank_cache(cfg: MoAConfig, ctx: Ctx, name: str) -> dict:
             fb, n = enc.kaldi_fbank(F.pad(wave, (0, max(400 + 15 * 160 - len(wave), 0)))[None], n_mels=cfg.n_mels)
             xs.append(F.pad(fb[0], (0, 0, 0, max(T - fb.shape[1], 0)))[:T].half())   # (1, T', F) -> (T, F)
             ns.append(min(int(n), T))
-            ys.append(tags.multi_hot(clip.labels) if tags else index[clip.labels[label]])
+            phones = set(synth.WORDS[clip.labels["word"]].split()) if "word" in clip.labels else set()
+            ys.append(torch.cat([tags.multi_hot(clip.labels), torch.tensor([float(p[6:] in phones) for p in
+                                 classes[len(synth.AUDIOSET_TAGS):]])]) if tags else index[clip.labels[label]])
         save_atomic(dict(stage_config=want, x=torch.stack(xs), frames=torch.tensor(ns),
                          y=torch.stack(ys) if tags else torch.tensor(ys),
                          split=[src.split(j) for j in range(len(src))], classes=classes), path)
@@ -231,9 +243,10 @@ def stage_ast(cfg: MoAConfig, ctx: Ctx, resume: bool) -> dict:
         return out
     run_dir, final = os.path.join(cfg.out_dir, "ast"), os.path.join(cfg.out_dir, "ast", "ast.pt")
     acfg = enc.ASTConfig(d=cfg.ast_d, n_layers=cfg.ast_layers, n_heads=cfg.ast_heads, d_ff=cfg.ast_ff,
-                         num_mel_bins=cfg.n_mels, max_length=_frames(cfg.pre_seconds), n_classes=len(synth.AUDIOSET_TAGS))
+                         num_mel_bins=cfg.n_mels, max_length=_frames(cfg.pre_seconds),
+                         n_classes=len(synth.AUDIOSET_TAGS) + len(PHONE_TAGS) * cfg.pre_phones)
     want = dict(asdict(acfg), epochs=cfg.pre_epochs, batch=cfg.pre_batch, lr=cfg.pre_lr, pre_clips=cfg.pre_clips,
-                pre_seconds=cfg.pre_seconds, n_mels=cfg.n_mels)
+                pre_seconds=cfg.pre_seconds, n_mels=cfg.n_mels, pre_phones=cfg.pre_phones)
     if not os.path.exists(final):
         cache = fbank_cache(cfg, ctx, "audioset")
         roles = fold_split(cache["split"], 0)
@@ -257,7 +270,7 @@ def stage_ast(cfg: MoAConfig, ctx: Ctx, resume: bool) -> dict:
 
 
 def build_peft_model(ast: dict, method: str, n_classes: int, frames: int, r: int, n_experts: int,
-                     slots: int) -> Tuple[enc.AST, List[str]]:
+                     slots: int, head_pool: str = "rows") -> Tuple[enc.AST, List[str]]:
     """The pre-trained AST with the method's mixtures and a new head; returns it and what trains."""
     placement, kind = MOA_METHODS[method]
     c = dict(ast["config"])
@@ -266,7 +279,7 @@ def build_peft_model(ast: dict, method: str, n_classes: int, frames: int, r: int
     # zero-pads every clip to the table's length); longer ones get the table interpolated.
     c["max_length"] = max(c["max_length"], frames)
     model = enc.AST(enc.ASTConfig(**c, placement=placement, adapter_kind=kind, r=r, n_experts=n_experts,
-                                  slots_per_expert=slots, n_classes=n_classes, head_pool="mean"))
+                                  slots_per_expert=slots, n_classes=n_classes, head_pool=head_pool))
     sd = dict(ast["model"])
     if model.cfg.grid != grid_src:                     # longer clips than pre-training saw
         sd["pos_embed"] = enc.resize_pos_embed(sd["pos_embed"], grid_src, model.cfg.grid)
@@ -293,7 +306,7 @@ def peft_run(cfg: MoAConfig, ast: dict, ctx: Ctx, resume: bool, cache: dict, run
     train, valid = (FbankData(cache, roles[k], ast["mean"], ast["std"]) for k in ("train", "valid"))
     frames = cache["x"].shape[1]
     torch.manual_seed(seed)
-    model, trainable = build_peft_model(ast, method, len(cache["classes"]), frames, r, n_experts, slots)
+    model, trainable = build_peft_model(ast, method, len(cache["classes"]), frames, r, n_experts, slots, cfg.head_pool)
     model.to(ctx.device)
     steps_per_epoch = len(train) // cfg.batch
     # The paper's AdamW and cosine schedule; weight decay on every trainable tensor (the paper names no exception).
@@ -316,6 +329,53 @@ def peft_run(cfg: MoAConfig, ast: dict, ctx: Ctx, resume: bool, cache: dict, run
         write_json(summary, os.path.join(run_dir, "summary.json"))
     barrier(ctx)
     return summary
+
+
+@torch.no_grad()
+def frozen_features(ast: dict, cache: dict, ctx: Ctx, chunk: int = 128) -> torch.Tensor:
+    """(N, (L + 1) Fp d): every clip's `pooled_rows` of each block's output and of the final norm, concatenated.
+    Deviation: AST probes read one pooled token; at d = 64 that loses where in frequency and how deep a pattern sits."""
+    model = build_peft_model(ast, "linear", 1, cache["x"].shape[1], 1, 1, 1)[0].to(ctx.device).eval()
+    clips, hs, out = FbankData(cache, torch.arange(len(cache["y"])), ast["mean"], ast["std"]), [], []
+    hooks = [blk.register_forward_hook(lambda mod, args, o: hs.append(o[0])) for blk in model.blocks]
+    try:
+        for i in range(0, len(clips), chunk):
+            hs.clear()
+            with ctx.autocast():
+                o = model(*clips.batch(torch.arange(i, min(i + chunk, len(clips))), ctx.device)[:2])
+            out.append(torch.cat([enc.pooled_rows(h, o.mask, model.cfg.grid[0]) for h in hs + [o.tokens]], 1).float().cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(out)
+
+
+def mean_logmel(cache: dict) -> torch.Tensor:
+    """(N, F): each clip's log-mel averaged over its real frames, the floor a frozen backbone must clear."""
+    real = (torch.arange(cache["x"].shape[1])[None, :] < cache["frames"][:, None]).float()[..., None]   # (N, T, 1)
+    return (cache["x"].float() * real).sum(1) / real.sum(1)
+
+
+def probe_runs(cfg: MoAConfig, ast: dict, ctx: Ctx, cache: dict, bench: str) -> None:
+    """OUT_DIR/BENCH/probe-s{seed}.json: data.probe_fit on frozen_features and on mean_logmel, on each seed's
+    folds; l2 chosen per side on the valid role from PROBE_L2, then scored on test."""
+    feats, y, C, done = dict(frozen=None, log_mel=mean_logmel(cache)), cache["y"], len(cache["classes"]), {}
+    for seed in range(cfg.seeds):
+        if not ctx.main or os.path.exists(path := os.path.join(cfg.out_dir, bench, f"probe-s{seed}.json")):
+            continue
+        roles = fold_split(cache["split"], seed)
+        if (key := tuple(tuple(v.tolist()) for v in roles.values())) not in done:                      # split corpora: the same roles for every seed
+            feats["frozen"] = frozen_features(ast, cache, ctx) if feats["frozen"] is None else feats["frozen"]
+            done[key] = {}
+            for name, x in feats.items():
+                acc = {}                                           # l2 -> (valid, test) accuracy
+                for l2 in PROBE_L2:
+                    predict = data.probe_fit((x[roles["train"]], y[roles["train"]]), C, l2)
+                    acc[l2] = [float((predict(x[roles[r]]) == y[roles[r]]).float().mean()) for r in ("valid", "test")]
+                l2 = max(PROBE_L2, key=lambda k: acc[k][0])
+                done[key][name] = dict(l2=l2, valid=acc[l2][0], test=acc[l2][1], width=x.shape[1])
+        write_json(dict(bench=bench, seed=seed, **done[key]), path)
+    barrier(ctx)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -345,6 +405,8 @@ def run_all(command: str, cfg: MoAConfig, resume: bool, ctx: Ctx) -> None:
         grid += [("soft-pfeiffer", n_mid, cfg.ablate_budget // n_mid, p) for p in _ints(cfg.ablate_slots, "ablate_slots")]
     runs = [(os.path.join("ablate", b, f"{m}-n{n}-r{r}-p{p}-s{seed}") if ablate else os.path.join(b, f"{m}-s{seed}"),
              b, m, n, r, p, seed) for b in benches for m, n, r, p in dict.fromkeys(grid) for seed in range(cfg.seeds)]
+    for b in [] if ablate else benches:
+        probe_runs(cfg, ast, ctx, caches[b], b)
     for name, *run in runs:
         peft_run(cfg, ast, ctx, resume, caches[run[0]], os.path.join(cfg.out_dir, name), *run)
     if ctx.main and cfg.evaluate:                      # eval_moa.py on these runs, and their table

@@ -16,17 +16,19 @@ import encoder as enc
 import eval as E
 import eval_moa
 import loop
+import synth
 import train_moa
 
 # A microscopic Soft-MoA configuration: pre-training and every method, in seconds.
 MOA_MICRO = ["--bench_clips=100", "--pre_clips=100", "--pre_epochs=1", "--ast_d=16", "--ast_layers=2",
              "--ast_heads=2", "--ast_ff=32", "--epochs=1", "--batch=8", "--pre_batch=8"]
+ALL_METHODS = "--methods=" + ",".join(train_moa.MOA_METHODS)
 
 
 @pytest.fixture(scope="module")
 def moa_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("moa"))
-    train_moa.main([f"--out_dir={out}", "--benchmarks=esc50,speechcommands", "--seeds=2", *MOA_MICRO])
+    train_moa.main([f"--out_dir={out}", "--benchmarks=esc50,speechcommands", "--seeds=2", *MOA_MICRO, ALL_METHODS])
     return out
 
 
@@ -46,10 +48,12 @@ def test_moa_runs_every_method_and_prints_the_table(moa_run):
                     assert os.path.exists(os.path.join(run, f)), (run, f)
     assert "| esc50 | speechcommands |" in table.splitlines()[2]
     assert "share of its mixture's output" in table
+    for row in ("| probe: mean log-mel (floor) |", "| probe: frozen AST |", "Share of the gap", "| soft-houlsby − dense-houlsby |"):
+        assert row in table
     # A second call reuses every finished run (nothing rewritten); changed settings in the same folder are refused.
     stamps = {r: os.stat(os.path.join(r, "last.pt")).st_mtime_ns for r, _, fs in os.walk(moa_run) if "last.pt" in fs}
     train_moa.main([f"--out_dir={moa_run}", "--benchmarks=esc50,speechcommands", "--seeds=2",
-                    "--evaluate=false", *MOA_MICRO])
+                    "--evaluate=false", *MOA_MICRO, ALL_METHODS])
     assert len(stamps) == 8 * 2 * 2 + 1
     assert stamps == {r: os.stat(os.path.join(r, "last.pt")).st_mtime_ns for r in stamps}
     with pytest.raises(SystemExit, match="other settings"):
@@ -346,3 +350,105 @@ def test_ast_checkpoint_errors_name_the_file_and_the_fix(tmp_path, moa_run):
     cfg = train_moa.parse_args([f"--ast_checkpoint={tmp_path / 'nope.pt'}"])[1]
     with pytest.raises(SystemExit, match=r"--ast_checkpoint=.*nope.pt: no such file or folder"):
         loop.check_inputs(cfg, ("ast_checkpoint",), cfg.data_label)          # main() calls it before any work
+
+
+def test_pooled_rows_by_hand():
+    # Fp = 3 rows of Tp = 4 columns; clip 1 has 2 real columns. Each row: the mean over its real columns.
+    torch.manual_seed(0)
+    h, real = torch.randn(2, 2 + 3 * 4, 5), torch.ones(2, 2 + 3 * 4, dtype=torch.bool)
+    real[1, 2:] = torch.tensor([True, True, False, False] * 3)
+    want = torch.stack([torch.cat([h[b, [2 + f * 4 + t for t in range(4 if b == 0 else 2)]].mean(0) for f in range(3)])
+                        for b in range(2)])
+    torch.testing.assert_close(enc.pooled_rows(h, real, 3), want)
+    # The "rows" head reads exactly that of the output tokens, the mask derived from the frames.
+    model = enc.AST(enc.ASTConfig(d=8, n_layers=1, n_heads=2, d_ff=16, num_mel_bins=32, max_length=60, n_classes=3,
+                                  head_pool="rows"))
+    x, mask = torch.randn(2, 60, 32), torch.arange(60)[None] < torch.tensor([[60], [40]])
+    out = model(x, mask)
+    assert model.head.fc.in_features == 8 * model.cfg.grid[0] == 16
+    torch.testing.assert_close(out.logits, model.head(enc.pooled_rows(out.tokens, out.mask, 2)))
+    alone = model(x[1:, :40])                          # a padded clip scores as if alone
+    torch.testing.assert_close(out.logits[1:], alone.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_features_and_the_floor_against_a_block_by_block_loop():
+    ast = _tiny_ast()
+    cache = dict(x=torch.randn(3, 60, 32).half(), frames=torch.tensor([60, 45, 30]), y=torch.tensor([0, 1, 0]))
+    feats = train_moa.frozen_features(ast, cache, loop.Ctx(torch.device("cpu")), chunk=2)
+    model = enc.AST(enc.ASTConfig(**ast["config"]))
+    model.load_state_dict(ast["model"])
+    fp = model.cfg.grid[0]
+    for i, n in enumerate(cache["frames"].tolist()):            # one clip alone, cropped to its frames
+        x = cache["x"][i:i + 1, :n].float() / 2                   # AST's norm: (x - mean) / (2 std)
+        tp = (n - 16) // 10 + 1
+        h = torch.cat([model.cls_token + model.pos_embed[:, :1], model.dist_token + model.pos_embed[:, 1:2],
+                       model.patch_embed(x.transpose(1, 2)[:, None]).flatten(2).transpose(1, 2)
+                       + model.pos_embed[:, 2:].reshape(1, fp, -1, 16)[:, :, :tp].reshape(1, fp * tp, 16)], 1)
+        want = []
+        with torch.no_grad():
+            for blk in model.blocks:
+                h = blk(h)[0]
+                want.append(h[0, 2:].reshape(fp, tp, 16).mean(1).flatten())
+            want.append(model.norm(h)[0, 2:].reshape(fp, tp, 16).mean(1).flatten())
+        torch.testing.assert_close(feats[i], torch.cat(want), rtol=1e-4, atol=1e-5)
+    floor = train_moa.mean_logmel(cache)
+    for i, n in enumerate(cache["frames"].tolist()):
+        torch.testing.assert_close(floor[i], cache["x"][i, :n].float().mean(0))
+
+
+def test_probes_choose_l2_on_validation_and_score_test(tmp_path, monkeypatch):
+    ast, g = _tiny_ast(), torch.Generator().manual_seed(0)
+    splits = [f"fold{i % 5 + 1}" for i in range(100)]
+    y = torch.arange(100) % 2
+    x = torch.randn(100, 60, 32, generator=g) + y[:, None, None] * torch.linspace(-1, 1, 32)   # a learnable tilt
+    cache, seen = dict(x=x.half(), frames=torch.full((100,), 60), y=y, split=splits, classes=["a", "b"]), []
+    cfg = train_moa.MoAConfig(out_dir=str(tmp_path), seeds=2)
+    fit = data.probe_fit
+    def spy(train, n_classes, l2):
+        seen.append((len(train[1]), train[0].shape[1], l2))
+        return fit(train, n_classes, l2)
+    monkeypatch.setattr(data, "probe_fit", spy)
+    train_moa.probe_runs(cfg, ast, loop.Ctx(torch.device("cpu")), cache, "esc50")
+    # per seed: every l2 on the frozen features (2 blocks + final norm, 2 rows of d 16), then on the mean log-mel
+    assert seen == ([(60, 3 * 2 * 16, l2) for l2 in train_moa.PROBE_L2] + [(60, 32, l2) for l2 in train_moa.PROBE_L2]) * 2
+    for seed in (0, 1):
+        r = json.load(open(tmp_path / "esc50" / f"probe-s{seed}.json"))
+        roles = train_moa.fold_split(splits, seed)
+        feats = train_moa.mean_logmel(cache)
+        valid = {l2: data.probe_accuracy((feats[roles["train"]], y[roles["train"]]), (feats[roles["valid"]], y[roles["valid"]]),
+                                         2, l2) for l2 in train_moa.PROBE_L2}
+        assert r["log_mel"]["valid"] == max(valid.values()) and valid[r["log_mel"]["l2"]] == max(valid.values())
+        assert r["log_mel"]["test"] == data.probe_accuracy((feats[roles["train"]], y[roles["train"]]),
+                                                           (feats[roles["test"]], y[roles["test"]]), 2, r["log_mel"]["l2"])
+        assert r["frozen"]["width"] == 3 * 2 * 16 and r["log_mel"]["width"] == 32
+
+
+def test_pre_training_targets_are_the_tags_and_the_phonemes_of_the_spoken_word(tmp_path):
+    cfg = train_moa.MoAConfig(out_dir=str(tmp_path), pre_clips=40)
+    cache = train_moa.fbank_cache(cfg, loop.Ctx(torch.device("cpu")), "audioset")
+    src = synth.SyntheticCorpus(synth.CorpusConfig.audioset_like(n_clips=40, clip_seconds=2.5))
+    phones = [f"phone:{p}" for p in (*synth.PHONEMES, *synth.DIPHTHONGS)]
+    assert cache["classes"] == list(synth.AUDIOSET_TAGS) + phones
+    spoken = 0
+    for j in range(40):
+        labels = src.labels(j)
+        on = {c for c, v in zip(cache["classes"], cache["y"][j].tolist()) if v}
+        phones = {"phone:" + p for p in synth.WORDS[labels["word"]].split()} if "word" in labels else set()
+        assert on == set(synth.audioset_tags(labels)) | phones
+        spoken += bool(phones)
+    assert spoken > 10
+    assert {"phone:y", "phone:eh", "phone:s"} <= set(cache["classes"])          # "yes: y eh s"
+
+
+def test_gap_shares_and_paired_differences_by_hand():
+    acc = {"linear": (0.5, 0.6), "full": (0.9, 0.8), "single-pfeiffer": (0.6, 0.7), "soft-pfeiffer": (0.8, 0.7)}
+    results = [dict(method=m, bench="esc50", seed=s, accuracy=a[s]) for m, a in acc.items() for s in (0, 1)]
+    table = {}
+    text = eval_moa.gap_tables(results, ["esc50"], table)
+    # (method - linear) / (full - linear) of the means: (0.65 - 0.55) / 0.30 and (0.75 - 0.55) / 0.30
+    assert table["gap_share"]["single-pfeiffer"]["esc50"] == pytest.approx(1 / 3)
+    assert table["gap_share"]["soft-pfeiffer"]["esc50"] == pytest.approx(2 / 3)
+    d = table["paired"]["soft-pfeiffer − single-pfeiffer"]["esc50"]             # differences 0.2 and 0.0
+    assert d["mean"] == pytest.approx(0.1) and d["std"] == pytest.approx(0.02 ** 0.5) and d["wins"] == 1
+    assert "| single-pfeiffer | 0.33 |" in text and "| soft-pfeiffer − single-pfeiffer | +0.100 ± 0.141 (1/2) |" in text
+    assert "dense" not in text                                                    # no Dense-MoA run, no pair
