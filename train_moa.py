@@ -375,6 +375,8 @@ def probe_runs(cfg: MoAConfig, ast: dict, ctx: Ctx, cache: dict, bench: str) -> 
                 l2 = max(PROBE_L2, key=lambda k: acc[k][0])
                 done[key][name] = dict(l2=l2, valid=acc[l2][0], test=acc[l2][1], width=x.shape[1])
         write_json(dict(bench=bench, seed=seed, **done[key]), path)
+        print(f"{bench} s{seed} probe valid / test: frozen AST " + " | mean log-mel ".join(
+            f"{done[key][k]['valid']:.3f} / {done[key][k]['test']:.3f}" for k in ("frozen", "log_mel")))
     barrier(ctx)
 
 
