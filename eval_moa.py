@@ -95,9 +95,8 @@ def moa_compare(out_dir: str, run_dirs: Sequence[str], ablation: bool = False) -
                      + f" {'/'.join(f'{p:,}' for p in params)} | {macs:,.0f} | {mean_std(table[label]['ms_per_step'], '{:.1f}')} |")
     seeds = sorted({r["seed"] for r in results})
     if not ablation:
-        text = "\n".join(lines[:2] + probe_rows(out_dir, benches, seeds, table) + lines[2:]) + gap_tables(results, benches, table)
-    else:
-        text = "\n".join(lines)
+        lines[2:2] = probe_rows(out_dir, benches, seeds, table)             # the probes above the methods
+    text = "\n".join(lines) + ("" if ablation else gap_tables(results, benches, table))
     intro = (f"Test accuracy, mean ± std over {len(seeds)} seeds (fold benchmarks: "
              "seed i tests on fold i+1); params: trainable, without the linear head; MACs: all mixtures, per token; "
              "ms/step: mean over all runs of the row:")
@@ -150,7 +149,8 @@ def gap_tables(results: List[dict], benches: Sequence[str], table: dict) -> str:
         text += ("\n\nShare of the gap from linear (the head alone) to full fine-tuning that each method closes, "
                  "(method − linear) / (full − linear) of the means:\n\n| method |" + "".join(f" {b} |" for b in benches)
                  + "\n|---" + "|---" * len(benches) + "|"
-                 + "".join(f"\n| {m} |" + "".join(f" {gap[m][b]:.2f} |" if gap[m][b] == gap[m][b] else " – |" for b in benches) for m in have))
+                 + "".join(f"\n| {m} |" + "".join(f" {v:.2f} |" if v == v else " – |" for v in gap[m].values())
+                           for m in have))
         table["gap_share"] = gap
     pairs = [(f"soft-{at}", f"{other}-{at}") for at in ("pfeiffer", "houlsby") for other in ("single", "dense")
              if f"soft-{at}" in have and f"{other}-{at}" in have]

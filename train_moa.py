@@ -364,7 +364,7 @@ def probe_runs(cfg: MoAConfig, ast: dict, ctx: Ctx, cache: dict, bench: str) -> 
         if not ctx.main or os.path.exists(path := os.path.join(cfg.out_dir, bench, f"probe-s{seed}.json")):
             continue
         roles = fold_split(cache["split"], seed)
-        if (key := tuple(tuple(v.tolist()) for v in roles.values())) not in done:                      # split corpora: the same roles for every seed
+        if (key := tuple(tuple(v.tolist()) for v in roles.values())) not in done:   # split corpora: every seed's
             feats["frozen"] = frozen_features(ast, cache, ctx) if feats["frozen"] is None else feats["frozen"]
             done[key] = {}
             for name, x in feats.items():

@@ -48,7 +48,8 @@ def test_moa_runs_every_method_and_prints_the_table(moa_run):
                     assert os.path.exists(os.path.join(run, f)), (run, f)
     assert "| esc50 | speechcommands |" in table.splitlines()[2]
     assert "share of its mixture's output" in table
-    for row in ("| probe: mean log-mel (floor) |", "| probe: frozen AST |", "Share of the gap", "| soft-houlsby − dense-houlsby |"):
+    for row in ("| probe: mean log-mel (floor) |", "| probe: frozen AST |", "Share of the gap",
+                "| soft-houlsby − dense-houlsby |"):
         assert row in table
     # A second call reuses every finished run (nothing rewritten); changed settings in the same folder are refused.
     stamps = {r: os.stat(os.path.join(r, "last.pt")).st_mtime_ns for r, _, fs in os.walk(moa_run) if "last.pt" in fs}
@@ -219,6 +220,7 @@ def test_ablation_keeps_the_parameter_budget(tmp_path, moa_run):
     (["ablate", "--ablate_slots=,"], "ablate_slots must be comma-separated integers >= 1"),
     (["nope"], "unknown command 'nope'; allowed: all, ablate"),
     (["moa"], "unknown command 'moa'"),
+    (["--head_pool=max"], "unknown head_pool 'max'; allowed: mean, cls_dist, rows"),
 ])
 def test_moa_cli_rejects_bad_options_by_name(argv, message):
     with pytest.raises(SystemExit, match=message):
