@@ -28,17 +28,6 @@ def _audio_tensor(clip: Clip, max_seconds: Optional[float]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x[s:s + m], dtype=np.float32))
 
 
-class MultiLabelAudio:
-    """AudioSet-like targets: multi_hot(labels) -> (C,) float32 over the classes `tags`."""
-
-    def __init__(self, source, tags: Sequence[str] = AUDIOSET_TAGS):
-        self.source, self.classes = source, list(tags)
-
-    def multi_hot(self, labels) -> torch.Tensor:
-        tags = set(audioset_tags(labels))
-        return torch.tensor([float(t in tags) for t in self.classes])
-
-
 class Task(NamedTuple):
     """An LALM instruction task: a label key asked with question templates, closed answer set."""
     group: str                    # "semantic" (what is said / which sound) | "paralinguistic"

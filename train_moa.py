@@ -153,7 +153,6 @@ def fbank_cache(cfg: MoAConfig, ctx: Ctx, name: str) -> dict:
     path = os.path.join(cfg.out_dir, "data", f"{name}.pt")
     if ctx.main and not os.path.exists(path):
         T, index = _frames(seconds), {c: i for i, c in enumerate(classes)}
-        tags = data.MultiLabelAudio(src, synth.AUDIOSET_TAGS) if label == "tags" else None
         xs, ns, ys = [], [], []
         for j in tqdm(range(len(src)), desc=f"fbank {name}", leave=False, disable=not sys.stderr.isatty()):
             wave = data._audio_tensor(clip := src[j], seconds)
@@ -161,11 +160,14 @@ def fbank_cache(cfg: MoAConfig, ctx: Ctx, name: str) -> dict:
             fb, n = enc.kaldi_fbank(F.pad(wave, (0, max(400 + 15 * 160 - len(wave), 0)))[None], n_mels=cfg.n_mels)
             xs.append(F.pad(fb[0], (0, 0, 0, max(T - fb.shape[1], 0)))[:T].half())   # (1, T', F) -> (T, F)
             ns.append(min(int(n), T))
-            phones = set(synth.WORDS[clip.labels["word"]].split()) if "word" in clip.labels else set()
-            ys.append(torch.cat([tags.multi_hot(clip.labels), torch.tensor([float(p[6:] in phones) for p in
-                                 classes[len(synth.AUDIOSET_TAGS):]])]) if tags else index[clip.labels[label]])
+            if label == "tags":                               # the scene's tags and its word's phonemes, multi-hot
+                word = synth.WORDS.get(clip.labels.get("word"), "")                # "y eh s"; "" without speech
+                on = {*synth.audioset_tags(clip.labels), *(f"phone:{p}" for p in word.split())}
+                ys.append(torch.tensor([float(c in on) for c in classes]))
+            else:
+                ys.append(index[clip.labels[label]])
         save_atomic(dict(stage_config=want, x=torch.stack(xs), frames=torch.tensor(ns),
-                         y=torch.stack(ys) if tags else torch.tensor(ys),
+                         y=torch.stack(ys) if label == "tags" else torch.tensor(ys),
                          split=[src.split(j) for j in range(len(src))], classes=classes), path)
     barrier(ctx)
     check_same_config(path, want, "fbank cache")

@@ -414,17 +414,14 @@ def test_instruction_tasks_have_closed_answer_sets_and_groups():
 
 def test_audioset_like_multilabel_targets_follow_the_sources():
     src = SyntheticCorpus(CorpusConfig.audioset_like(n_clips=60))
-    view = D.MultiLabelAudio(src)
     multi = 0
     for j in range(30):
         labels = src.labels(j)
-        y = view.multi_hot(labels)
         tags = labels["tags"].split(",")
-        assert {view.classes[i] for i in torch.nonzero(y).flatten().tolist()} == set(tags)
+        assert D.audioset_tags(labels) == tags and set(tags) <= set(D.AUDIOSET_TAGS)
         assert ("speech" in tags) == ("word" in labels) and ("music" in tags) == ("instrument" in labels)
         multi += len(tags) > 2
     assert multi > 3
-    assert view.multi_hot(src[0].labels).shape == (len(D.AUDIOSET_TAGS),)
 
 
 def test_mixtures_hold_speech_and_background_labels_and_clip_length_is_configurable():
