@@ -172,7 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise UsageError(f"{p}: not a train_moa.py folder (no Soft-MoA config.json in or above it; "
                              f"train.py's runs: python eval.py {p})")
         cfg = _json(os.path.join(out_dir, "config.json"))
-        cfg = train_moa.MoAConfig(**{k: v for k, v in cfg.items() if k not in ("workers", "compile")})  # older fields
+        cfg = train_moa.MoAConfig(**{k: v for k, v in cfg.items() if k not in ("workers", "compile", "out_dir")},
+                                  out_dir=out_dir)          # older fields left out; out_dir: where it is now, if moved
         ctx = make_ctx(cfg.device, cfg.dtype)
         ast, caches = train_moa.stage_ast(cfg, ctx, resume=False), {}
         names = runs if runs is not None else sorted(

@@ -454,3 +454,14 @@ def test_gap_shares_and_paired_differences_by_hand():
     assert d["mean"] == pytest.approx(0.1) and d["std"] == pytest.approx(0.02 ** 0.5) and d["wins"] == 1
     assert "| single-pfeiffer | 0.33 |" in text and "| soft-pfeiffer − single-pfeiffer | +0.100 ± 0.141 (1/2) |" in text
     assert "dense" not in text                                                    # no Dense-MoA run, no pair
+
+
+def test_a_moved_run_folder_still_evaluates(tmp_path, moa_run):
+    import shutil
+    moved = shutil.copytree(moa_run, tmp_path / "moved")           # config.json still names the old out_dir
+    os.remove(moved / "esc50" / "linear-s0" / "eval.json")
+    shutil.rmtree(moved / "data")                                    # made again from the moved folder's settings
+    eval_moa.main([str(moved), "--runs=esc50/linear-s0"])
+    assert json.load(open(moved / "esc50" / "linear-s0" / "eval.json")) == \
+        json.load(open(os.path.join(moa_run, "esc50", "linear-s0", "eval.json")))
+    assert os.path.exists(moved / "data" / "esc50.pt")               # the moved folder's, not the original's
