@@ -439,6 +439,9 @@ def test_pre_training_targets_are_the_tags_and_the_phonemes_of_the_spoken_word(t
         assert on == set(synth.audioset_tags(labels)) | phones
         spoken += bool(phones)
     assert spoken > 10
+    plain = train_moa.fbank_cache(train_moa.MoAConfig(out_dir=str(tmp_path / "tags"), pre_clips=40, pre_phones=False),
+                                  loop.Ctx(torch.device("cpu")), "audioset")
+    assert plain["classes"] == list(synth.AUDIOSET_TAGS) and torch.equal(plain["y"], cache["y"][:, :len(synth.AUDIOSET_TAGS)])
     assert {"phone:y", "phone:eh", "phone:s"} <= set(cache["classes"])          # "yes: y eh s"
 
 
