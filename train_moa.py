@@ -30,7 +30,7 @@ from loop import (Ctx, Schedule, barrier, check_inputs, check_same_config, finis
                   make_ctx, out_dir_lock, run_script, save_atomic, split_args, write_json)
 
 # Fields that say which runs to make and where, not how one is made: a finished run is reused whatever they are.
-RUN_CONTROL = ("out_dir", "seeds", "evaluate", "device", "benchmarks", "methods",
+RUN_CONTROL = ("out_dir", "seeds", "evaluate", "probes", "device", "benchmarks", "methods",
                "ablate_experts", "ablate_slots", "ablate_benchmark", "ablate_budget")
 # method: (placement, mixture kind); "linear" trains the head alone, "full" every weight.
 MOA_METHODS = {"linear": ("none", "single"), "full": ("none", "single"),
@@ -64,6 +64,7 @@ class MoAConfig:
     device: str = "auto"
     dtype: str = "auto"
     evaluate: bool = True
+    probes: bool = True             # probe_runs; their features take N x (layers + 1) x Fp x d floats (AST-Base: 120k)
     data_dir: str = ""              # a real corpus (any layout data.py reads) instead of the benchmarks
     data_label: str = "event"       # data_dir with one folder per class: what the folders name
     bench_clips: int = 1000         # clips of each synthetic benchmark (all folds / splits)
@@ -116,8 +117,9 @@ class MoAConfig:
         _ints(self.ablate_slots, "ablate_slots")
 
 
-# --config=paper: AudioSet-pretrained AST-Base from --ast_checkpoint (required), 128 mel bins, r = d / 128 = 6.
-PRESETS = {"tiny": {}, "paper": dict(out_dir="runs/moa-paper", n_mels=128, r=6, epochs=50, batch=32)}
+# --config=paper: AudioSet-pretrained AST-Base from --ast_checkpoint (required), 128 mel bins, r = d / 128 = 6, the
+# paper's mean-token head.
+PRESETS = {"tiny": {}, "paper": dict(out_dir="runs/moa-paper", n_mels=128, r=6, epochs=50, batch=32, head_pool="mean")}
 
 
 def parse_args(argv: Sequence[str]) -> Tuple[str, MoAConfig, bool]:
@@ -409,7 +411,7 @@ def run_all(command: str, cfg: MoAConfig, resume: bool, ctx: Ctx) -> None:
         grid += [("soft-pfeiffer", n_mid, cfg.ablate_budget // n_mid, p) for p in _ints(cfg.ablate_slots, "ablate_slots")]
     runs = [(os.path.join("ablate", b, f"{m}-n{n}-r{r}-p{p}-s{seed}") if ablate else os.path.join(b, f"{m}-s{seed}"),
              b, m, n, r, p, seed) for b in benches for m, n, r, p in dict.fromkeys(grid) for seed in range(cfg.seeds)]
-    for b in [] if ablate else benches:
+    for b in [] if ablate or not cfg.probes else benches:
         probe_runs(cfg, ast, ctx, caches[b], b)
     for name, *run in runs:
         peft_run(cfg, ast, ctx, resume, caches[run[0]], os.path.join(cfg.out_dir, name), *run)

@@ -4,6 +4,7 @@ test accuracy against one clip at a time, usage per class by hand, the cosine sc
 import json
 import math
 import os
+import shutil
 import zlib
 
 import numpy as np
@@ -319,8 +320,8 @@ def test_moa_with_a_real_ast_checkpoint_skips_pre_training(tmp_path):
     # Speech-Commands-like clips are 1 s (98 frames), longer than the checkpoint's 64: its
     # position table is resized, as load_ast does for AST-Base on other clip lengths.
     train_moa.main([f"--out_dir={out}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=32",
-                "--benchmarks=speechcommands", "--methods=soft-pfeiffer", "--seeds=1", *MOA_MICRO])
-    assert not (out / "ast").exists()
+                "--benchmarks=speechcommands", "--methods=soft-pfeiffer", "--seeds=1", "--probes=false", *MOA_MICRO])
+    assert not (out / "ast").exists() and not (out / "speechcommands" / "probe-s0.json").exists()
     run = out / "speechcommands" / "soft-pfeiffer-s0"
     scored = json.load(open(run / "eval.json"))
     assert scored["n_test"] > 0
@@ -335,7 +336,7 @@ def test_moa_with_a_real_ast_checkpoint_skips_pre_training(tmp_path):
     with pytest.raises(SystemExit, match="nope: not a train_moa.py folder"):
         eval_moa.main([str(tmp_path / "nope")])
     paper = train_moa.parse_args(["--config=paper", f"--ast_checkpoint={tmp_path / 'hub'}"])[1]
-    assert (paper.n_mels, paper.r, paper.n_experts, paper.slots) == (128, 6, 7, 1)   # papers.md, Soft-MoA defaults
+    assert (paper.n_mels, paper.r, paper.n_experts, paper.slots, paper.head_pool) == (128, 6, 7, 1, "mean")   # papers.md
     with pytest.raises(SystemExit, match="takes 32 mel bins but --n_mels=16; set --n_mels=32"):
         train_moa.main([f"--out_dir={tmp_path / 'out2'}", f"--ast_checkpoint={tmp_path / 'hub'}", "--n_mels=16",
                     "--benchmarks=speechcommands", *MOA_MICRO])
@@ -460,7 +461,6 @@ def test_gap_shares_and_paired_differences_by_hand():
 
 
 def test_a_moved_run_folder_still_evaluates(tmp_path, moa_run):
-    import shutil
     moved = shutil.copytree(moa_run, tmp_path / "moved")           # config.json still names the old out_dir
     os.remove(moved / "esc50" / "linear-s0" / "eval.json")
     shutil.rmtree(moved / "data")                                    # made again from the moved folder's settings
