@@ -380,6 +380,12 @@ def load_corpus(root: str, label: str, groups: str = "") -> Tuple[str, AudioFile
 
 
 # --- Linear probe (eval.py); the command line: --key=value overrides, usage errors ----------------
+def frame_mean(x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """(N, T, D) -> (N, D): each item averaged over its first frames[i] frames (the probes' pooling)."""
+    m = (torch.arange(x.shape[1], device=x.device)[None, :] < frames[:, None]).float()[..., None]   # (N, T, 1)
+    return (x.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def probe_accuracy(train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
                    n_classes: int, l2: float = 1e-3) -> float:
     """Held-out accuracy of `probe_fit`."""

@@ -324,9 +324,11 @@ class AST(nn.Module):
         h, real, infos = _encode(self.blocks, self.norm, h, tmask)  # (b, m, d)
         pooled_mean = h.mean(1) if tmask is None else h.sum(1) / real.sum(1, keepdim=True).to(h.dtype)  # (b, d)
         pooled_cls = (h[:, 0] + h[:, 1]) / 2  # (b, d)
-        pool = cfg.head_pool
-        pooled = pooled_mean if pool == "mean" else pooled_cls if pool == "cls_dist" else pooled_rows(h, real, fp)
-        logits = self.head(pooled) if cfg.n_classes else None
+        logits = None
+        if cfg.n_classes:                                 # rows: computed only for a head that reads them
+            pool = cfg.head_pool
+            pooled = pooled_mean if pool == "mean" else pooled_cls if pool == "cls_dist" else pooled_rows(h, real, fp)
+            logits = self.head(pooled)
         return ASTOutput(h, real, pooled_cls, pooled_mean, logits, infos)
 
 

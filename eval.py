@@ -152,13 +152,11 @@ def pooled(parts: dict, split: str, what: str, batch: int = 256) -> torch.Tensor
     out = []
     for j in torch.arange(len(parts["domains"][split])).split(batch):
         if what == "encoder":
-            x, m = parts[split].features(j, "cpu")                            # (B, T', d), (B, T')
+            x, m = parts[split].features(j, "cpu")                            # (B, T', d), (B, T') real prefix
+            out.append(data.frame_mean(x, m.sum(1)))
         else:
             mel, frames = parts["mels"][split].batch(j)                            # (B, F, T), (B,)
-            x = mel.float().transpose(1, 2)
-            m = torch.arange(x.shape[1])[None, :] < frames[:, None]
-        m = m.float()[..., None]
-        out.append((x.float() * m).sum(1) / m.sum(1).clamp(min=1))
+            out.append(data.frame_mean(mel.transpose(1, 2), frames))
     return torch.cat(out)
 
 

@@ -356,20 +356,19 @@ def frozen_features(ast: dict, cache: dict, ctx: Ctx, chunk: int = 128) -> torch
 
 def mean_logmel(cache: dict) -> torch.Tensor:
     """(N, F): each clip's log-mel averaged over its real frames, the floor a frozen backbone must clear."""
-    real = (torch.arange(cache["x"].shape[1])[None, :] < cache["frames"][:, None]).float()[..., None]   # (N, T, 1)
-    return (cache["x"].float() * real).sum(1) / real.sum(1)
+    return data.frame_mean(cache["x"], cache["frames"])
 
 
 def probe_runs(cfg: MoAConfig, ast: dict, ctx: Ctx, cache: dict, bench: str) -> None:
     """OUT_DIR/BENCH/probe-s{seed}.json: data.probe_fit on frozen_features and on mean_logmel, on each seed's
     folds; l2 chosen per side on the valid role from PROBE_L2, then scored on test."""
-    feats, y, C, done = dict(frozen=None, log_mel=mean_logmel(cache)), cache["y"], len(cache["classes"]), {}
-    for seed in range(cfg.seeds):
-        if not ctx.main or os.path.exists(path := os.path.join(cfg.out_dir, bench, f"probe-s{seed}.json")):
-            continue
-        roles = fold_split(cache["split"], seed)
+    paths = {s: os.path.join(cfg.out_dir, bench, f"probe-s{s}.json") for s in range(cfg.seeds)}
+    todo = [s for s, p in paths.items() if not os.path.exists(p)] if ctx.main else []
+    feats = dict(frozen=frozen_features(ast, cache, ctx), log_mel=mean_logmel(cache)) if todo else {}
+    y, C, done = cache["y"], len(cache["classes"]), {}
+    for seed in todo:
+        roles, path = fold_split(cache["split"], seed), paths[seed]
         if (key := tuple(tuple(v.tolist()) for v in roles.values())) not in done:   # split corpora: every seed's
-            feats["frozen"] = frozen_features(ast, cache, ctx) if feats["frozen"] is None else feats["frozen"]
             done[key] = {}
             for name, x in feats.items():
                 acc = {}                                           # l2 -> (valid, test) accuracy
